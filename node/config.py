@@ -1,0 +1,287 @@
+"""Configuration: ``config.toml`` parsed once into validated, frozen objects.
+
+Every problem is reported at once, each with its dotted key and, where it can be found, the line
+of the file. Environment variables ``AIDNODE_<SECTION>__<KEY>`` override values (for example
+``AIDNODE_NODE__PORT=11113``); relative paths resolve against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from node.errors import ConfigError
+
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: no backslash, no control chars
+
+
+def _check_ae(value: str) -> str:
+    if not AE_TITLE.match(value) or not value.strip():
+        raise ValueError("must be 1 to 16 printable characters without backslash")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeConfig(_Section):
+    ae_title: str = "AIDNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(16, ge=1, le=1000)
+    acse_timeout_s: float = Field(30, gt=0)
+    dimse_timeout_s: float = Field(60, gt=0)
+    network_timeout_s: float = Field(60, gt=0)
+    max_pdu: int = Field(262144, ge=4096, le=4_194_304)
+    max_dataset_bytes: int = Field(2 * 1024**3, gt=0)
+    max_pixel_bytes: int = Field(1024**3, gt=0)
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class PeerConfig(_Section):
+    ae_title: str  # "*" allows any calling AE title (then bind it to a host)
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)  # where it listens, for reply_to_sender
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return v if v == "*" else _check_ae(v)
+
+
+class StorageConfig(_Section):
+    root: Path = Path("var/store")
+    min_free_mb: int = Field(1024, ge=0)
+    retention_days: int = Field(30, ge=1)
+    duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:///var/aidnode.db"
+    busy_timeout_ms: int = Field(5000, ge=100)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite://", "postgresql")):
+            raise ValueError("must start with sqlite:// or postgresql")
+        return v
+
+
+class AssemblyConfig(_Section):
+    stable_after_s: float = Field(30, ge=0)
+    modality_stable_after_s: dict[str, float] = Field(default_factory=dict)
+    check_interval_s: float = Field(1.0, gt=0)
+
+    def stable_after(self, modalities: set[str]) -> float:
+        """The wait for a study holding these modalities: the longest that applies."""
+        waits = [self.modality_stable_after_s[m] for m in modalities
+                 if m in self.modality_stable_after_s]
+        return max(waits, default=self.stable_after_s)
+
+
+class RuleMatch(_Section):
+    modality: list[str] = Field(default_factory=list)
+    body_part: str | None = None  # regex, BodyPartExamined
+    sop_class_uid: list[str] = Field(default_factory=list)
+    study_description: str | None = None  # regex
+    series_description: str | None = None  # regex
+    image_type: str | None = None  # a value ImageType must contain, e.g. "ORIGINAL"
+    min_instances: int = Field(1, ge=1)
+    max_instances: int | None = Field(None, ge=1)
+    calling_ae: list[str] = Field(default_factory=list)
+    called_ae: list[str] = Field(default_factory=list)
+
+    @field_validator("body_part", "study_description", "series_description")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"is not a valid regular expression: {exc}") from None
+        return v
+
+
+class RuleConfig(_Section):
+    name: str
+    model: str = "demo"
+    destinations: list[str] = Field(default_factory=list)
+    mode: Literal["active", "shadow"] = "active"
+    match: RuleMatch = Field(default_factory=RuleMatch)
+
+
+class TLSConfig(_Section):
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    verify_peer: bool = True
+
+
+class DestinationConfig(_Section):
+    name: str
+    ae_title: str = "PACS"
+    host: str = "127.0.0.1"
+    port: int = Field(104, ge=1, le=65535)
+    reply_to_sender: bool = False
+    max_attempts: int = Field(8, ge=1)
+    backoff_base_s: float = Field(5, gt=0)
+    backoff_max_s: float = Field(900, gt=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(60, gt=0)
+    tls: TLSConfig | None = None
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class InferenceConfig(_Section):
+    device: str = "auto"
+    batch_size: int = Field(8, ge=1, le=512)
+    models_dir: Path = Path("var/models")
+    workers: int = Field(1, ge=0, le=64)
+    lease_s: float = Field(300, gt=0)
+    heatmap_when_negative: Literal["none", "top"] = "none"
+    demo_steps: int = Field(1200, ge=1)
+
+
+class ResultsConfig(_Section):
+    sr_series_number: int = Field(9901, ge=1)
+    sr_series_description: str = "AI findings (aidnode, not for diagnostic use)"
+    sc_series_number: int = Field(9902, ge=1)
+    sc_series_description: str = "AI heatmaps (aidnode, not for diagnostic use)"
+    institution_name: str | None = None
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Section):
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    peers: list[PeerConfig] = Field(default_factory=list)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
+    rules: list[RuleConfig] = Field(default_factory=list)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    results: ResultsConfig = Field(default_factory=ResultsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    source: Path | None = None  # the file this was read from
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        names = [d.name for d in self.destinations]
+        for dup in {n for n in names if names.count(n) > 1}:
+            raise ValueError(f"destination name {dup!r} is used twice")
+        for i, rule in enumerate(self.rules):
+            for dest in rule.destinations:
+                if dest not in names:
+                    raise ValueError(f"rules[{i}] ({rule.name}) names unknown destination {dest!r}")
+        return self
+
+    def destination(self, name: str) -> DestinationConfig:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+
+_PATH_KEYS = (("storage", "root"), ("inference", "models_dir"))
+
+
+def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith("AIDNODE_") or "__" not in name:
+            continue
+        section, _, key = name[len("AIDNODE_"):].lower().partition("__")
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError([f"{name}: section [{section}] is a list and cannot be overridden"])
+        try:
+            target[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            target[key] = value  # a bare string
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line number of the key at ``loc`` in the TOML text."""
+    keys = [str(p) for p in loc if not isinstance(p, int)]
+    if not keys:
+        return None
+    section, last = keys[0], keys[-1]
+    in_section = False
+    for no, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith("["):
+            in_section = s.strip("[]").split(".")[0].strip() == section
+            if in_section and len(keys) == 1:
+                return no
+        elif re.match(rf"{re.escape(last)}\s*=", s) and (in_section or len(keys) == 1):
+            return no
+    return None
+
+
+def _resolve(cfg: Config, base: Path) -> Config:
+    updates: dict[str, Any] = {}
+    for section, key in _PATH_KEYS:
+        sec = getattr(cfg, section)
+        value = getattr(sec, key)
+        if not value.is_absolute():
+            updates[section] = sec.model_copy(update={key: (base / value).resolve()})
+    url = cfg.database.url
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
+        path = (base / url[len("sqlite:///"):]).resolve()
+        updates["database"] = cfg.database.model_copy(update={"url": f"sqlite:///{path}"})
+    return cfg.model_copy(update=updates)
+
+
+def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, validate and resolve a config file.
+
+    ``path`` None means the embedded defaults with paths under the current directory.
+    Raises ConfigError listing every problem.
+    """
+    environ = os.environ if environ is None else environ
+    text = ""
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            data: dict[str, Any] = tomllib.loads(text)
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: no such file"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+        base = path.resolve().parent
+    else:
+        data, base = {}, Path.cwd()
+    _env_overrides(data, environ)
+    try:
+        cfg = Config.model_validate({**data, "source": path})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            line = _line_of(text, err["loc"]) if text else None
+            where = f" (line {line})" if line else ""
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{key}{where}: {msg}")
+        raise ConfigError(problems, source=path) from None
+    return _resolve(cfg, base)

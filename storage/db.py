@@ -1,0 +1,143 @@
+"""The database engine and sessions.
+
+SQLite (the default) runs in WAL mode with ``synchronous=FULL``, foreign keys on and a busy
+timeout; writers open their transaction with ``BEGIN IMMEDIATE`` so two writers never deadlock on
+a lock upgrade (the SQLAlchemy pysqlite recipe). PostgreSQL is used as it is.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.errors import DatabaseUnavailableError, SchemaOutOfDateError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
+    def on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" event emit BEGIN itself
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.close()
+
+    return on_connect
+
+
+class Database:
+    """One engine and its session factory; ``write()`` for writers, ``read()`` for readers."""
+
+    def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"future": True}
+        if self.is_sqlite:
+            if ":memory:" not in url:
+                Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False,
+                                      "timeout": busy_timeout_ms / 1000}
+            kwargs["pool_size"] = 20
+            kwargs["max_overflow"] = 20
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+            event.listen(self.engine, "begin", self._begin)
+        # Two views of one pool: writers BEGIN IMMEDIATE, readers BEGIN DEFERRED.
+        self._writers = sessionmaker(self.engine.execution_options(aidnode_begin="IMMEDIATE"),
+                                     expire_on_commit=False)
+        self._readers = sessionmaker(self.engine.execution_options(aidnode_begin="DEFERRED"),
+                                     expire_on_commit=False)
+
+    @staticmethod
+    def _begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get("aidnode_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session whose transaction takes the write lock at once; committed on success."""
+        with self._session(self._writers) as s:
+            yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading; rolled back at the end."""
+        with self._session(self._readers, commit=False) as s:
+            yield s
+
+    @contextmanager
+    def _session(self, factory: sessionmaker[Session], commit: bool = True) -> Iterator[Session]:
+        session = factory()
+        try:
+            session.connection()  # begin now, so a locked database fails here, not mid-work
+            yield session
+            if commit:
+                session.commit()
+            else:
+                session.rollback()
+        except OperationalError as exc:
+            session.rollback()
+            raise DatabaseUnavailableError(f"database unavailable: {exc.orig}") from exc
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def alembic_config(self) -> Any:
+        from alembic.config import Config as AlembicConfig
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        cfg.attributes["engine"] = self.engine
+        return cfg
+
+    def upgrade(self) -> str:
+        """Apply every pending migration; returns the revision now current."""
+        from alembic import command
+
+        command.upgrade(self.alembic_config(), "head")
+        return self.current_revision() or ""
+
+    def current_revision(self) -> str | None:
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except OperationalError:
+            return None
+        except Exception:  # noqa: BLE001 - a missing table reads differently per driver
+            return None
+
+    def head_revision(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self.alembic_config()).get_current_head()
+        assert head is not None
+        return head
+
+    def check_schema(self) -> None:
+        """Raise SchemaOutOfDateError naming the command to run when migrations are pending."""
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            raise SchemaOutOfDateError(
+                f"database schema is at {current or 'nothing'}, this aidnode needs {head}: "
+                "run `aidnode db upgrade`")

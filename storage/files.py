@@ -1,0 +1,115 @@
+"""The file store for received instances and result objects.
+
+A write goes to a temporary file on the same filesystem, is fsynced, renamed to a server-chosen
+path (a random name, never one built from a UID) and the directory is fsynced; only then does
+``write`` return. Paths in the database are relative to the root, so the root can move or sit on a
+filesystem that several processes mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.errors import OutOfSpaceError, StoreWriteError
+
+_KINDS = ("instances", "results")
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str  # relative to the store root
+    size: int
+    sha256: str
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """Durable, server-named files under ``root``/{instances,results}/xx/yy/<uuid>.dcm."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.tmp = self.root / "tmp"
+        for d in (self.tmp, *(self.root / k for k in _KINDS)):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, needed: int = 0) -> None:
+        """Raise OutOfSpaceError when writing ``needed`` bytes would cross the free-disk floor."""
+        if self.free_bytes() - needed < self.min_free_bytes:
+            raise OutOfSpaceError(
+                f"free disk under {self.root} is below the floor of "
+                f"{self.min_free_bytes // 2**20} MiB")
+
+    def write(self, chunks: Iterable[bytes] | bytes, kind: str = "instances") -> StoredFile:
+        """Write the bytes durably and return where; nothing is left behind on failure."""
+        if kind not in _KINDS:
+            raise ValueError(f'Argument "kind" must be one of {_KINDS}.')
+        name = uuid.uuid4().hex
+        rel = Path(kind) / name[:2] / name[2:4] / f"{name}.dcm"
+        final = self.root / rel
+        tmp = self.tmp / f"{name}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "xb") as fh:
+                for chunk in ([chunks] if isinstance(chunks, bytes | bytearray | memoryview)
+                              else chunks):
+                    fh.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)  # a rename that happened before a failed dir fsync
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpaceError(f"no space left writing under {self.root}") from exc
+            raise StoreWriteError(f"writing {rel} failed: {exc}") from exc
+        return StoredFile(path=rel.as_posix(), size=size, sha256=digest.hexdigest())
+
+    def path(self, rel: str) -> Path:
+        """The absolute path of a stored file; refuses anything outside the root."""
+        p = (self.root / rel).resolve()
+        if self.root.resolve() not in p.parents:
+            raise ValueError(f"path {rel!r} is outside the store")
+        return p
+
+    def read(self, rel: str) -> bytes:
+        return self.path(rel).read_bytes()
+
+    def remove(self, rel: str) -> None:
+        self.path(rel).unlink(missing_ok=True)
+
+    def files(self, kind: str = "instances") -> Iterator[str]:
+        """Every stored file of ``kind`` as a relative path."""
+        base = self.root / kind
+        for p in base.rglob("*.dcm"):
+            yield p.relative_to(self.root).as_posix()
+
+    def clean_tmp(self) -> int:
+        """Remove partial writes left by a crash; returns how many."""
+        n = 0
+        for p in self.tmp.glob("*.part"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
