@@ -40,3 +40,11 @@ class SendError(NodeError):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+
+
+class InvalidDatasetError(NodeError):
+    """A received dataset cannot be decoded, or required UIDs are missing or malformed."""
+
+
+class UIDMismatchError(NodeError):
+    """The dataset's SOP Class/Instance UID differs from the C-STORE command's."""

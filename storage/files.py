@@ -9,7 +9,6 @@ filesystem that several processes mount.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import uuid
@@ -26,7 +25,6 @@ _KINDS = ("instances", "results")
 class StoredFile:
     path: str  # relative to the store root
     size: int
-    sha256: str
 
 
 def _fsync_dir(path: Path) -> None:
@@ -58,21 +56,22 @@ class FileStore:
                 f"{self.min_free_bytes // 2**20} MiB")
 
     def write(self, chunks: Iterable[bytes] | bytes, kind: str = "instances") -> StoredFile:
-        """Write the bytes durably and return where; nothing is left behind on failure."""
+        """Write the bytes durably and return where; nothing is left behind on failure.
+
+        Callers hash what they need (the receiver hashes the dataset without its file meta).
+        """
         if kind not in _KINDS:
             raise ValueError(f'Argument "kind" must be one of {_KINDS}.')
         name = uuid.uuid4().hex
         rel = Path(kind) / name[:2] / name[2:4] / f"{name}.dcm"
         final = self.root / rel
         tmp = self.tmp / f"{name}.part"
-        digest = hashlib.sha256()
         size = 0
         try:
             with open(tmp, "xb") as fh:
                 for chunk in ([chunks] if isinstance(chunks, bytes | bytearray | memoryview)
                               else chunks):
                     fh.write(chunk)
-                    digest.update(chunk)
                     size += len(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -85,7 +84,7 @@ class FileStore:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpaceError(f"no space left writing under {self.root}") from exc
             raise StoreWriteError(f"writing {rel} failed: {exc}") from exc
-        return StoredFile(path=rel.as_posix(), size=size, sha256=digest.hexdigest())
+        return StoredFile(path=rel.as_posix(), size=size)
 
     def path(self, rel: str) -> Path:
         """The absolute path of a stored file; refuses anything outside the root."""

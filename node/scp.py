@@ -1,0 +1,311 @@
+"""The DICOM receiver: Verification and Storage SCP (PS3.4 Annex A and B).
+
+The C-STORE handler checks the dataset, writes it durably (``storage.files``), records it in one
+transaction (``storage.catalog``) and only then answers Success; every failure answers the status
+from ``node.status`` and leaves no file and no row behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy.exc import IntegrityError
+
+from node.config import Config, PeerConfig
+from node.errors import InvalidDatasetError, UIDMismatchError
+from node.logging import clean
+from node.metrics import Metrics
+from node.status import (
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    Status,
+    status_for,
+)
+from storage import audit, catalog
+from storage.db import Database
+from storage.files import FileStore
+
+log = logging.getLogger(__name__)
+
+UID_SYNTAX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1
+
+
+def configure_pynetdicom() -> None:
+    """The one place pynetdicom's module switches are set: no identifiers in its logs."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def valid_uid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID_SYNTAX.match(value))
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """TCP_NODELAY: without it Nagle + delayed ACK stalls DICOM at ~20 images/s."""
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the peer already closed; nothing to tune
+
+
+def peer_allowed(peers: list[PeerConfig], calling_ae: str, host: str) -> bool:
+    """True when some peer entry allows this calling AE title from this host."""
+    for p in peers:
+        if p.ae_title in ("*", calling_ae) and (p.host is None or p.host == host):
+            return True
+    return False
+
+
+@dataclass
+class _AssocStats:
+    id: str
+    calling_ae: str
+    host: str
+    started: float
+    stored: int = 0
+    failed: int = 0
+
+
+@dataclass
+class Receiver:
+    """Everything the SCP handlers need, passed to them as a bound argument."""
+
+    config: Config
+    db: Database
+    store: FileStore
+    metrics: Metrics
+    _stats: dict[int, _AssocStats] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- association events --------------------------------------------------------------
+
+    def stats(self, assoc: Any) -> _AssocStats:
+        with self._lock:
+            st = self._stats.get(id(assoc))
+            if st is None:
+                st = _AssocStats(id=str(uuid.uuid4()), calling_ae=assoc.requestor.ae_title,
+                                 host=assoc.requestor.address, started=time.monotonic())
+                self._stats[id(assoc)] = st
+            return st
+
+    def finish(self, assoc: Any, outcome: str) -> None:
+        with self._lock:
+            st = self._stats.pop(id(assoc), None)
+        if st is None:
+            return
+        secs = time.monotonic() - st.started
+        log.info("association %s from %s@%s %s: %d stored, %d failed in %.2fs", st.id,
+                 clean(st.calling_ae), st.host, outcome, st.stored, st.failed, secs)
+        try:
+            with self.db.write() as s:
+                audit.record(s, audit.AuditKind.INSTANCES_RECEIVED, ae_title=st.calling_ae,
+                             host=st.host, association=st.id, outcome=outcome, stored=st.stored,
+                             failed=st.failed, seconds=round(secs, 3))
+        except Exception:
+            log.exception("could not record the audit event for association %s", st.id)
+
+
+def on_conn_open(event: evt.Event) -> None:
+    set_nodelay(getattr(event.assoc.dul.socket, "socket", None))
+
+
+def on_requested(event: evt.Event, rx: Receiver) -> None:
+    """A-ASSOCIATE-RQ received: apply the allow-list (AE title, optionally bound to a host)."""
+    assoc = event.assoc
+    calling = assoc.requestor.primitive.calling_ae_title.strip()
+    called = assoc.requestor.primitive.called_ae_title.strip()
+    host = assoc.requestor.address
+    reject = None
+    if called != rx.config.node.ae_title:
+        reject, why = REJECT_CALLED_AE, f"called AE {clean(called)!r} is not ours"
+    elif not peer_allowed(rx.config.peers, calling, host):
+        reject, why = REJECT_CALLING_AE, "calling AE not allowed from this host"
+    if reject is None:
+        return
+    log.warning("rejecting association from %s@%s: %s", clean(calling), host, why)
+    rx.metrics.associations.labels("rejected").inc()
+    assoc.acse.send_reject(*reject)
+    try:
+        with rx.db.write() as s:
+            audit.record(s, audit.AuditKind.ASSOCIATION_REJECTED, ae_title=calling[:16],
+                         host=host, reason=why)
+    except Exception:
+        log.exception("could not record the rejection audit event")
+
+
+def on_established(event: evt.Event, rx: Receiver) -> None:
+    st = rx.stats(event.assoc)
+    rx.metrics.associations.labels("accepted").inc()
+    log.debug("association %s established with %s@%s", st.id, clean(st.calling_ae), st.host)
+    try:
+        with rx.db.write() as s:
+            audit.record(s, audit.AuditKind.ASSOCIATION_ACCEPTED, ae_title=st.calling_ae,
+                         host=st.host, association=st.id)
+    except Exception:
+        log.exception("could not record the association audit event")
+
+
+def on_released(event: evt.Event, rx: Receiver) -> None:
+    rx.finish(event.assoc, "released")
+
+
+def on_aborted(event: evt.Event, rx: Receiver) -> None:
+    rx.finish(event.assoc, "aborted")
+
+
+def handle_echo(event: evt.Event) -> int:
+    return Status.SUCCESS
+
+
+# -- C-STORE -------------------------------------------------------------------------------
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        value = "\\".join(str(v) for v in value) if hasattr(value, "__iter__") else str(value)
+    return clean(value)[:limit]
+
+
+def check_dataset(ds: Dataset, request: Any, max_pixel_bytes: int) -> None:
+    """Validate what a C-STORE carries; raises InvalidDatasetError or UIDMismatchError."""
+    try:
+        sop_class, sop_uid = ds.SOPClassUID, ds.SOPInstanceUID
+        study_uid, series_uid = ds.StudyInstanceUID, ds.SeriesInstanceUID
+    except AttributeError as exc:
+        raise InvalidDatasetError(f"required UID missing: {exc}") from exc
+    except Exception as exc:  # pydicom decodes lazily: a broken element fails here
+        raise InvalidDatasetError(f"dataset cannot be decoded: {exc}") from exc
+    for name, value in (("SOPClassUID", sop_class), ("SOPInstanceUID", sop_uid),
+                        ("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
+        if not valid_uid(value):
+            raise InvalidDatasetError(f"{name} is not a valid UID")
+    if sop_uid != request.AffectedSOPInstanceUID:
+        raise UIDMismatchError("SOP Instance UID differs from the command's")
+    if sop_class != request.AffectedSOPClassUID:
+        raise UIDMismatchError("SOP Class UID differs from the command's")
+    if "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        from inference.pixels import check_size  # the same guard the model applies
+
+        try:
+            check_size(ds, max_pixel_bytes)
+        except Exception as exc:
+            from inference.errors import ImageTooLargeError
+
+            if isinstance(exc, ImageTooLargeError):
+                raise
+            raise InvalidDatasetError(f"image attributes are invalid: {exc}") from exc
+
+
+def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
+    """Store one instance durably, then answer (DESIGN §2 step 2, §5)."""
+    started = time.perf_counter()
+    st = rx.stats(event.assoc)
+    stored_path: str | None = None
+    try:
+        raw = event.encoded_dataset(include_meta=False)
+        if len(raw) > rx.config.node.max_dataset_bytes:
+            raise InvalidDatasetError("dataset is larger than node.max_dataset_bytes")
+        try:
+            ds = event.dataset
+        except Exception as exc:
+            raise InvalidDatasetError(f"dataset cannot be decoded: {exc}") from exc
+        check_dataset(ds, event.request, rx.config.node.max_pixel_bytes)
+        meta = catalog.InstanceMeta(
+            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            sha256=hashlib.sha256(raw).hexdigest(), modality=_text(ds, "Modality", 16),
+            body_part=_text(ds, "BodyPartExamined"),
+            study_description=_text(ds, "StudyDescription"),
+            series_description=_text(ds, "SeriesDescription"),
+            image_type=_text(ds, "ImageType", 128), calling_ae=st.calling_ae,
+            called_ae=rx.config.node.ae_title, calling_host=st.host, association_id=st.id)
+        rx.store.check_space(len(raw))
+        header = event.encoded_dataset(include_meta=True)[: -len(raw) or None]
+        stored = rx.store.write([header, raw])
+        stored_path = stored.path
+        replace = rx.config.storage.duplicate_policy == "replace"
+        try:
+            with rx.db.write() as s:
+                outcome, unused = catalog.record_instance(s, meta, stored, replace=replace)
+        except IntegrityError:  # a concurrent association stored the same instance first
+            with rx.db.write() as s:
+                outcome, unused = catalog.record_instance(s, meta, stored, replace=replace)
+        stored_path = None  # committed: the file belongs to the database now
+        if unused:
+            rx.store.remove(unused)
+    except Exception as exc:
+        if stored_path is not None:
+            rx.store.remove(stored_path)
+        status = status_for(exc)
+        st.failed += 1
+        rx.metrics.instances_received.labels("failed").inc()
+        level = logging.ERROR if status == Status.PROCESSING_FAILURE else logging.WARNING
+        log.log(level, "C-STORE from %s refused with 0x%04X: %s", clean(st.calling_ae),
+                status, clean(str(exc), 300), exc_info=status == Status.PROCESSING_FAILURE)
+        return int(status)
+    rx.metrics.store_seconds.observe(time.perf_counter() - started)
+    st.stored += 1
+    if outcome is catalog.Recorded.DUPLICATE_DIFFERENT:
+        rx.metrics.instances_received.labels("duplicate-different").inc()
+        log.warning("instance %s received again with different content; kept the first",
+                    meta.sop_instance_uid)
+        return int(Status.WARNING_ELEMENTS_DISCARDED)
+    rx.metrics.instances_received.labels(outcome.value).inc()
+    return int(Status.SUCCESS)
+
+
+def build_ae(cfg: Config) -> AE:
+    """An AE offering Verification and every storage SOP class with all transfer syntaxes."""
+    configure_pynetdicom()
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.maximum_associations = cfg.node.max_associations
+    ae.acse_timeout = cfg.node.acse_timeout_s
+    ae.dimse_timeout = cfg.node.dimse_timeout_s
+    ae.network_timeout = cfg.node.network_timeout_s
+    ae.maximum_pdu_size = cfg.node.max_pdu
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+def handlers(rx: Receiver) -> list[Any]:
+    return [
+        (evt.EVT_CONN_OPEN, on_conn_open),
+        (evt.EVT_REQUESTED, on_requested, [rx]),
+        (evt.EVT_ESTABLISHED, on_established, [rx]),
+        (evt.EVT_RELEASED, on_released, [rx]),
+        (evt.EVT_ABORTED, on_aborted, [rx]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [rx]),
+    ]
+
+
+def start(rx: Receiver, host: str | None = None, port: int | None = None) -> Any:
+    """Start the SCP without blocking; returns pynetdicom's server (``.shutdown()`` stops it)."""
+    ae = build_ae(rx.config)
+    address = (host or rx.config.node.host, rx.config.node.port if port is None else port)
+    server = ae.start_server(address, block=False, evt_handlers=handlers(rx))
+    log.info("listening on %s:%d as %s", *server.server_address[:2], rx.config.node.ae_title)
+    return server
+
+
+__all__ = ["Receiver", "build_ae", "handle_store", "start"]
