@@ -86,8 +86,7 @@ class Database:
             yield session
             if commit:
                 session.commit()
-            else:
-                session.rollback()
+            # a reader just closes: the transaction ends, loaded objects stay readable
         except OperationalError as exc:
             session.rollback()
             raise DatabaseUnavailableError(f"database unavailable: {exc.orig}") from exc

@@ -1,0 +1,251 @@
+"""The admin CLI, ``aidnode``: serve, inspect and repair a node.
+
+Tables for people, ``--json`` for scripts. Exit codes: 0 ok, 1 error, 2 usage or configuration.
+Project errors become one line on stderr (the traceback goes to the log at DEBUG); this module
+is the one place that does it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from inference.errors import InferenceError
+from node import logging as node_logging
+from node.config import Config, load_config
+from node.errors import ConfigError, NodeError
+from storage.errors import StorageError
+
+log = logging.getLogger(__name__)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  help="aidnode: a DICOM node that analyses studies and sends results back.")
+
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", envvar="AIDNODE_CONFIG",
+    help="Config file (default: ./config.toml if present, else built-in defaults).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+YesOpt = Annotated[bool, typer.Option("--yes", help="Confirm a destructive action.")]
+
+
+@dataclass
+class State:
+    config_path: Path | None = None
+    _config: Config | None = None
+    _storage: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            path = self.config_path
+            if path is None and Path("config.toml").is_file():
+                path = Path("config.toml")
+            self._config = load_config(path)
+        return self._config
+
+    def storage(self, check_schema: bool = True) -> Any:
+        """(Database, FileStore) for the configured node; refuses an out-of-date schema."""
+        if self._storage is None:
+            from node.service import open_storage
+
+            self._storage = open_storage(self.config)
+            if check_schema:
+                self._storage[0].check_schema()
+        return self._storage
+
+
+def state(ctx: typer.Context) -> State:
+    root = ctx.find_root()
+    if not isinstance(root.obj, State):
+        root.obj = State()
+    return root.obj
+
+
+@app.callback()
+def _root(ctx: typer.Context, config: ConfigOpt = None,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                                help="Log at DEBUG.")] = False) -> None:
+    """aidnode: a DICOM node that analyses studies and sends the results back to the PACS."""
+    st = state(ctx)
+    st.config_path = config
+    if verbose:
+        node_logging.setup("DEBUG")
+
+
+def emit(data: Any, as_json: bool, table: Table | str | None = None) -> None:
+    """Print ``data`` as JSON, or the table/text for people."""
+    if as_json:
+        out.print_json(json.dumps(data, default=str))
+    elif table is not None:
+        out.print(table)
+
+
+def make_table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    return t
+
+
+def audit_admin(ctx: typer.Context, action: str, **detail: Any) -> None:
+    from storage import audit
+
+    db, _ = state(ctx).storage()
+    with db.write() as s:
+        audit.record(s, audit.AuditKind.ADMIN, ae_title=None, host=None, action=action,
+                     user=os.environ.get("USER", "?"), **detail)
+
+
+def require_yes(yes: bool, what: str) -> None:
+    if not yes:
+        raise typer.BadParameter(f"{what}: add --yes to confirm")
+
+
+# -- commands that live here: serve, db, config, echo, send ----------------------------------
+
+
+@app.command()
+def serve(ctx: typer.Context) -> None:
+    """Run the node: receiver, assembler, workers, senders, metrics.
+
+    Example: aidnode serve -c /etc/aidnode/config.toml
+    """
+    from node.service import Service, open_storage
+
+    cfg = state(ctx).config
+    node_logging.setup(cfg.logging.level, cfg.logging.format)
+    db, store = open_storage(cfg)
+    if db.is_sqlite and db.current_revision() is None:
+        db.upgrade()  # a brand-new SQLite node creates its schema; later changes need the CLI
+    raise typer.Exit(Service(cfg, db, store).run_forever())
+
+
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Apply pending schema migrations. Example: aidnode db upgrade"""
+    db, _ = state(ctx).storage(check_schema=False)
+    rev = db.upgrade()
+    out.print(f"database at revision {rev}")
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Configuration.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+def config_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Validate the config and print the effective values, secrets masked.
+
+    Example: aidnode config check --json
+    """
+    cfg = state(ctx).config
+    data = json.loads(cfg.model_dump_json())
+    url = data["database"]["url"]
+    if "@" in url and ":" in url.split("@")[0].split("//")[-1]:
+        user = url.split("//")[1].split(":")[0]
+        data["database"]["url"] = url.split("//")[0] + f"//{user}:***@" + url.split("@", 1)[1]
+    if as_json:
+        emit(data, True)
+    else:
+        out.print(f"configuration OK ({cfg.source or 'built-in defaults'})")
+        out.print_json(json.dumps(data, default=str))
+
+
+@app.command()
+def echo(ctx: typer.Context, peer: Annotated[str, typer.Argument(help="AET@HOST:PORT")],
+         calling_ae: Annotated[str, typer.Option("--aet", help="Our AE title.")] = "AIDNODE",
+         as_json: JsonOpt = False) -> None:
+    """C-ECHO a peer. Example: aidnode echo ORTHANC@127.0.0.1:4242"""
+    import time
+
+    from node.scu import Peer
+    from node.scu import echo as c_echo
+
+    p = Peer.parse(peer)
+    t = time.monotonic()
+    status = c_echo(p, calling_ae)
+    ms = (time.monotonic() - t) * 1000
+    emit({"peer": str(p), "status": status, "ms": round(ms, 1)}, as_json,
+         f"C-ECHO {p}: status 0x{status:04X} in {ms:.0f} ms")
+    if status != 0:
+        raise typer.Exit(1)
+
+
+@app.command()
+def send(ctx: typer.Context,
+         paths: Annotated[list[Path], typer.Argument(help="Files or folders.")],
+         to: Annotated[str, typer.Option("--to", help="AET@HOST:PORT")],
+         calling_ae: Annotated[str, typer.Option("--aet", help="Our AE title.")] = "AIDNODE_CLI",
+         as_json: JsonOpt = False) -> None:
+    """C-STORE files or folders to a peer, with a progress bar.
+
+    Example: aidnode send study/ --to AIDNODE@127.0.0.1:11112
+    """
+    from rich.progress import Progress
+
+    from node.scu import Peer, dicom_files, send_files
+
+    p = Peer.parse(to)
+    files = dicom_files(paths)
+    if not files:
+        raise NodeError("no files to send")
+    with Progress(console=err, disable=as_json) as bar:
+        task = bar.add_task(f"sending to {p}", total=len(files))
+        results = send_files(p, files, calling_ae, on_sent=lambda f, s: bar.advance(task))
+    ok = [f for f, s in results if s == 0 or (s & 0xF000) == 0xB000]
+    bad = [(f, s) for f, s in results if (f, s) not in [(g, t) for g, t in results
+                                                         if g in ok]]
+    emit({"sent": len(ok), "failed": [{"file": str(f), "status": s} for f, s in bad]}, as_json,
+         f"{len(ok)} of {len(results)} sent to {p}"
+         + "".join(f"\n  {f}: status {s if s < 0 else hex(s)}" for f, s in bad))
+    if bad:
+        raise typer.Exit(1)
+
+
+def _register() -> None:
+    from node import cli_model, cli_queue  # noqa: F401 - they add their commands to ``app``
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, exit 1 for errors and 2 for configuration."""
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except ConfigError as exc:
+        err.print(f"error: {exc}")
+        sys.exit(2)
+    except (NodeError, StorageError, InferenceError, FileNotFoundError) as exc:
+        log.debug("command failed", exc_info=True)
+        err.print(f"error: {exc}")
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except Exception as exc:  # click's usage errors
+        from click.exceptions import ClickException
+
+        if isinstance(exc, ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(0)

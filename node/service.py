@@ -1,0 +1,202 @@
+"""The long-running service: receiver, assembler, workers, senders, metrics, in one process.
+
+Start-up: check the schema, remove partial writes, re-queue jobs whose lease went stale, make
+sure the models the rules name are installed (building the demo if needed), start everything,
+then tell systemd READY=1. The main loop feeds the systemd watchdog only while every loop is
+alive. SIGTERM stops accepting associations, lets in-flight C-STOREs finish, lets the current
+jobs finish, and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from node import assembly, models
+from node.config import Config
+from node.metrics import Metrics
+from node.scp import Receiver, start
+from node.sender import Sender
+from node.worker import Analyzer
+from storage import clock, jobs
+from storage.db import Database
+from storage.files import FileStore
+from storage.models import Job, JobKind, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(message: str) -> bool:
+    """Send a message to systemd (READY=1, WATCHDOG=1, STOPPING=1) if it is listening."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+    return True
+
+
+def open_storage(cfg: Config) -> tuple[Database, FileStore]:
+    db = Database(cfg.database.url, cfg.database.busy_timeout_ms)
+    store = FileStore(cfg.storage.root, min_free_bytes=cfg.storage.min_free_mb * 2**20)
+    return db, store
+
+
+def ensure_models(cfg: Config, progress: Callable[[int, int, float], None] | None = None) -> None:
+    """Build the demo model when a rule names it and it is not installed yet."""
+    if any(r.model == models.DEMO for r in cfg.rules):
+        try:
+            models.resolve(cfg, models.DEMO)
+        except models.ModelNotFoundError:
+            from inference.train import build_demo_package
+
+            log.info("demo model not installed: training it now (a few minutes on CPU)")
+            report = build_demo_package(models.model_dir(cfg, models.DEMO),
+                                        steps=cfg.inference.demo_steps, seed=0,
+                                        progress=progress)
+            log.info("demo model ready: %s", report)
+
+
+@dataclass
+class Service:
+    config: Config
+    db: Database
+    store: FileStore
+    metrics: Metrics = field(default_factory=Metrics)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    server: Any = None
+    metrics_port: int | None = None
+
+    def recover(self) -> None:
+        """Start-up recovery: schema, partial files, orphans, stale leases."""
+        self.db.check_schema()
+        n = self.store.clean_tmp()
+        if n:
+            log.warning("removed %d partial file(s) left by a crash", n)
+        self.remove_orphans()
+        with self.db.write() as s:
+            ids = jobs.requeue_stale(s, self.config.inference.lease_s)
+        if ids:
+            log.warning("re-queued %d job(s) whose worker stopped: %s", len(ids), ids)
+
+    def remove_orphans(self) -> int:
+        """Files written durably whose row never committed (a crash in between)."""
+        from storage.catalog import known_paths
+
+        with self.db.read() as s:
+            known = known_paths(s)
+        orphans = [p for kind in ("instances", "results") for p in self.store.files(kind)
+                   if p not in known]
+        for p in orphans:
+            self.store.remove(p)
+        if orphans:
+            log.warning("removed %d orphan file(s) never recorded (crash before commit)",
+                        len(orphans))
+        return len(orphans)
+
+    def _loop(self, name: str, step: Callable[[], bool], idle_s: float) -> None:
+        while not self.stopping.is_set():
+            try:
+                busy = step()
+            except Exception:
+                log.exception("%s: iteration failed", name)
+                busy = False
+            if not busy:
+                self.stopping.wait(idle_s)
+
+    def _assemble(self) -> bool:
+        assembly.run_once(self.db, self.config)
+        return False
+
+    def _housekeeping(self) -> bool:
+        with self.db.write() as s:
+            jobs.requeue_stale(s, self.config.inference.lease_s)
+        self.update_gauges()
+        return False
+
+    def update_gauges(self) -> None:
+        now = clock.now()
+        with self.db.read() as s:
+            for kind in JobKind:
+                n, oldest = s.execute(select(func.count(), func.min(Job.created_at)).where(
+                    Job.kind == kind, Job.status == JobStatus.QUEUED)).one()
+                self.metrics.queue_depth.labels(kind.value).set(n)
+                age = (now - oldest).total_seconds() if oldest else 0
+                self.metrics.queue_oldest_seconds.labels(kind.value).set(age)
+        self.metrics.disk_free_bytes.set(self.store.free_bytes())
+
+    def start(self, host: str | None = None, port: int | None = None) -> None:
+        self.recover()
+        ensure_models(self.config)
+        if self.config.metrics.enabled:
+            self.metrics_port = self.metrics.serve(self.config.metrics.host,
+                                                   self.config.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host,
+                     self.metrics_port)
+        rx = Receiver(self.config, self.db, self.store, self.metrics)
+        self.server = start(rx, host, port)
+        loops: list[tuple[str, Callable[[], bool], float]] = [
+            ("assembler", self._assemble, self.config.assembly.check_interval_s),
+            ("housekeeping", self._housekeeping, 5.0),
+        ]
+        for i in range(self.config.inference.workers):
+            a = Analyzer(self.config, self.db, self.store, self.metrics, name=f"worker-{i}")
+            loops.append((a.name, a.run_once, 0.5))
+        if self.config.destinations:
+            snd = Sender(self.config, self.db, self.store, self.metrics)
+            loops.append(("sender", snd.run_once, 0.5))
+        for name, step, idle in loops:
+            t = threading.Thread(target=self._loop, args=(name, step, idle), name=name,
+                                 daemon=True)
+            t.start()
+            self.threads.append(t)
+        sd_notify("READY=1")
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self.threads)
+
+    def stop(self, grace_s: float = 30) -> None:
+        """Stop accepting, let in-flight associations and jobs finish (up to ``grace_s``)."""
+        sd_notify("STOPPING=1")
+        log.info("stopping: no new associations; waiting for in-flight work")
+        if self.server is not None:
+            socketserver.BaseServer.shutdown(self.server)  # stop the accept loop
+            self.server.server_close()  # close the listening socket: no new associations
+            deadline = time.monotonic() + grace_s
+            while self.server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=max(0.1, grace_s))
+        self.db.dispose()
+        log.info("stopped")
+
+    def run_forever(self) -> int:
+        """``aidnode serve``: run until SIGTERM/SIGINT; returns the exit code."""
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        self.start()
+        watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+        tick = min(1.0, watchdog_s / 3) if watchdog_s else 1.0
+        while not stop.wait(tick):
+            if self.alive():
+                sd_notify("WATCHDOG=1")
+            else:
+                log.error("a service loop died; withholding the watchdog ping")
+        self.stop()
+        return 0

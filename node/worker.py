@@ -1,0 +1,243 @@
+"""The ANALYZE worker (DESIGN §2 step 4): model -> SR + SC -> stored -> DELIVER jobs queued.
+
+It claims a job with a lease, keeps it alive with a heartbeat thread, runs the model (kept loaded
+between jobs), builds the result objects, writes them durably, and in ONE transaction records the
+result, supersedes the previous one, marks the job succeeded and enqueues one DELIVER job per
+destination. A worker that lost its lease publishes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from sqlalchemy import select
+
+from inference.errors import InferenceError
+from inference.prediction import Finding, Prediction
+from node import models
+from node.config import Config
+from node.metrics import Metrics
+from storage import clock, jobs
+from storage.db import Database
+from storage.errors import JobStateError, StorageError
+from storage.files import FileStore
+from storage.models import (
+    Instance,
+    JobKind,
+    Result,
+    ResultObject,
+    Series,
+    Study,
+    StudyState,
+)
+
+log = logging.getLogger(__name__)
+SOFTWARE_VERSION = "aidnode 0.1.0"
+
+
+def encode(ds: Dataset) -> bytes:
+    buf = DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@dataclass
+class Built:
+    kind: str
+    label: str | None
+    dataset: Dataset
+
+
+@dataclass
+class Analyzer:
+    config: Config
+    db: Database
+    store: FileStore
+    metrics: Metrics
+    name: str = "worker"
+    _predictors: dict[str, Any] = field(default_factory=dict)
+
+    def predictor(self, ref: models.ModelRef) -> Any:
+        """The loaded model for ``ref`` (loaded once, kept for later jobs)."""
+        key = f"{ref.directory}:{ref.version}"
+        if key not in self._predictors:
+            from inference.predict import Predictor
+
+            from inference.package import load_package
+
+            pkg = load_package(ref.directory)
+            self._predictors[key] = Predictor(pkg, device=self.config.inference.device,
+                                              batch_size=self.config.inference.batch_size,
+                                              max_image_bytes=self.config.node.max_pixel_bytes)
+            log.info("model %s %s loaded on %s", ref.name, ref.version,
+                     self._predictors[key].device)
+        return self._predictors[key]
+
+    # -- one job ---------------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Claim and process one ANALYZE job; False when none was due."""
+        with self.db.write() as s:
+            job = jobs.claim(s, JobKind.ANALYZE, self.name)
+        if job is None:
+            return False
+        started = time.monotonic()
+        lost = threading.Event()
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, stop, lost), daemon=True)
+        beat.start()
+        try:
+            outcome = self._process(job, lost)
+        except Exception as exc:
+            retryable = bool(getattr(exc, "retryable", False))
+            if not isinstance(exc, InferenceError | StorageError | models.ModelNotFoundError):
+                log.exception("ANALYZE job %d: unexpected error", job.id)
+            outcome = self._fail(job, f"{type(exc).__name__}: {exc}", retryable)
+        finally:
+            stop.set()
+            beat.join()
+        log.info("ANALYZE job %d %s in %.2fs", job.id, outcome, time.monotonic() - started)
+        return True
+
+    def _heartbeat(self, job: jobs.Claimed, stop: threading.Event,
+                   lost: threading.Event) -> None:
+        interval = max(0.5, self.config.inference.lease_s / 3)
+        while not stop.wait(interval):
+            try:
+                with self.db.write() as s:
+                    if not jobs.heartbeat(s, job.id, job.token):
+                        lost.set()
+                        return
+            except StorageError:
+                log.warning("heartbeat for job %d failed; will try again", job.id)
+
+    def _fail(self, job: jobs.Claimed, error: str, retryable: bool) -> str:
+        try:
+            with self.db.write() as s:
+                status = jobs.fail(s, job.id, job.token, error, retryable=retryable)
+                if status == jobs.F and job.study_id is not None:
+                    study = s.get(Study, job.study_id)
+                    if study is not None:
+                        study.state = StudyState.FAILED
+        except JobStateError as exc:
+            return f"lost its lease ({exc})"
+        self.metrics.jobs.labels("ANALYZE", status.value.lower()).inc()
+        return f"{status.value.lower()}: {error}"
+
+    def _inputs(self, job: jobs.Claimed) -> tuple[Study, list[Instance], Result | None]:
+        with self.db.read() as s:
+            study = s.get(Study, job.study_id)
+            if study is None:
+                raise JobStateError(f"study of job {job.id} no longer exists")
+            q = (select(Instance).join(Series, Instance.series_id == Series.id)
+                 .where(Instance.study_id == study.id,
+                        Series.series_instance_uid.in_(job.payload.get("series", [])))
+                 .order_by(Instance.id))
+            instances = list(s.execute(q).scalars())
+            previous = s.execute(select(Result).where(
+                Result.study_id == study.id, Result.superseded_by.is_(None))
+                .order_by(Result.id.desc())).scalars().first()
+            if previous is not None:
+                _ = previous.objects  # load while the session is open
+        return study, instances, previous
+
+    def _process(self, job: jobs.Claimed, lost: threading.Event) -> str:
+        study, instances, previous = self._inputs(job)
+        if not instances:
+            raise JobStateError("the selected series hold no instances (purged?)")
+        ref = models.resolve(self.config, job.payload.get("model", models.DEMO))
+        predictor = self.predictor(ref)
+        datasets = [dcmread(self.store.path(i.path)) for i in instances]
+        prediction: Prediction = predictor.predict(datasets)
+        self.metrics.inference_seconds.labels(ref.name, ref.version).observe(prediction.seconds)
+        built = self._build(study, datasets, prediction, previous, predictor)
+        written = [(b, self.store.write(encode(b.dataset), kind="results")) for b in built]
+        if lost.is_set():
+            for _, f in written:
+                self.store.remove(f.path)
+            raise JobStateError("lease lost during analysis; results discarded")
+        try:
+            return self._publish(job, study, prediction, previous, written)
+        except BaseException:
+            for _, f in written:
+                self.store.remove(f.path)
+            raise
+
+    def _build(self, study: Study, datasets: list[Dataset], p: Prediction,
+               previous: Result | None, predictor: Any) -> list[Built]:
+        from inference.pixels import display_uint8
+        from inference.sc import build_heatmap_sc
+        from inference.sr import build_sr
+        from inference.uids import result_uids
+
+        r = self.config.results
+        uids = result_uids(study.study_instance_uid, [d.SOPInstanceUID for d in datasets],
+                           p.model_name, p.model_version)
+        predecessor = None
+        if previous is not None:
+            sr_obj = next((o for o in previous.objects if o.kind == "SR"), None)
+            if sr_obj is not None:
+                predecessor = dcmread(self.store.path(sr_obj.path), stop_before_pixels=True)
+        out = [Built("SR", None, build_sr(
+            p, datasets, uids=uids, series_number=r.sr_series_number,
+            series_description=r.sr_series_description, software_version=SOFTWARE_VERSION,
+            predecessor=predecessor, institution_name=r.institution_name))]
+        findings: list[Finding] = list(p.positive())
+        if not findings and self.config.inference.heatmap_when_negative == "top" and p.findings:
+            findings = [max(p.findings, key=lambda f: f.probability)]
+        by_uid = {d.SOPInstanceUID: d for d in datasets}
+        windowing = getattr(getattr(predictor, "package", None), "windowing", None)
+        for n, f in enumerate(findings, 1):
+            src = by_uid[f.image.sop_instance_uid]
+            frame = (f.image.frame_number or 1) - 1
+            display = (display_uint8(src, frame, windowing) if windowing is not None
+                       else display_uint8(src, frame))
+            out.append(Built("SC", f.label.key, build_heatmap_sc(
+                f, src, display, series_uid=uids.sc_series,
+                instance_uid=uids.sc_instance(f.label.key), series_number=r.sc_series_number,
+                instance_number=n, series_description=r.sc_series_description,
+                synthetic_demo=p.synthetic_demo)))
+        for f in p.findings:
+            self.metrics.findings.labels(f.label.key, str(f.present).lower()).inc()
+        return out
+
+    def _publish(self, job: jobs.Claimed, study: Study, p: Prediction, previous: Result | None,
+                 written: list[tuple[Built, Any]]) -> str:
+        rule = next((r for r in self.config.rules if r.name == job.payload.get("rule")), None)
+        shadow = rule is not None and rule.mode == "shadow"
+        destinations = [] if shadow or rule is None else list(rule.destinations)
+        with self.db.write() as s:
+            result = Result(study_id=study.id, job_id=job.id, rule=job.payload.get("rule"),
+                            model_name=p.model_name, model_version=p.model_version,
+                            input_hash=job.payload.get("input_hash", ""), summary=p.summary(),
+                            shadow=shadow, created_at=clock.now())
+            s.add(result)
+            s.flush()
+            for b, f in written:
+                s.add(ResultObject(result_id=result.id, kind=b.kind,
+                                   sop_class_uid=str(b.dataset.SOPClassUID),
+                                   sop_instance_uid=str(b.dataset.SOPInstanceUID),
+                                   path=f.path, label=b.label))
+            if previous is not None:
+                old = s.get(Result, previous.id)
+                if old is not None:
+                    old.superseded_by = result.id
+            jobs.succeed(s, job.id, job.token,
+                         f"{len(written)} objects, {len(p.positive())} positive")
+            for name in destinations:
+                dest = self.config.destination(name)
+                jobs.enqueue(s, JobKind.DELIVER, study_id=study.id, destination=name,
+                             payload={"result_id": result.id}, max_attempts=dest.max_attempts)
+            st = s.get(Study, study.id)
+            if st is not None and st.state == StudyState.QUEUED:
+                st.state = StudyState.ANALYSED
+        self.metrics.jobs.labels("ANALYZE", "succeeded").inc()
+        return (f"succeeded: {len(p.positive())}/{len(p.findings)} findings positive, "
+                f"{len(written)} objects, {len(destinations)} deliveries queued")
