@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from node.errors import ConfigError
 
@@ -185,17 +185,6 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     source: Path | None = None  # the file this was read from
 
-    @model_validator(mode="after")
-    def _references(self) -> Config:
-        names = [d.name for d in self.destinations]
-        for dup in {n for n in names if names.count(n) > 1}:
-            raise ValueError(f"destination name {dup!r} is used twice")
-        for i, rule in enumerate(self.rules):
-            for dest in rule.destinations:
-                if dest not in names:
-                    raise ValueError(f"rules[{i}] ({rule.name}) names unknown destination {dest!r}")
-        return self
-
     def destination(self, name: str) -> DestinationConfig:
         for d in self.destinations:
             if d.name == name:
@@ -214,28 +203,69 @@ def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         target = data.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError([f"{name}: section [{section}] is a list and cannot be overridden"])
-        try:
-            target[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            target[key] = value  # a bare string
+        if value[:1] in "[{":  # a list or table, written as TOML
+            try:
+                target[key] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError([f"{name}: not a valid TOML list or table"]) from None
+        else:
+            target[key] = value  # pydantic converts "11113" or "true" to the field's type
 
 
-def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Best-effort line number of the key at ``loc`` in the TOML text."""
-    keys = [str(p) for p in loc if not isinstance(p, int)]
-    if not keys:
-        return None
-    section, last = keys[0], keys[-1]
-    in_section = False
+_HEADER = re.compile(r"^\[(\[)?\s*([A-Za-z0-9_.\- ]+?)\s*\]?\]\s*(#.*)?$")
+_KEY = re.compile(r"^([A-Za-z0-9_\-]+)\s*=")
+
+
+def _line_index(text: str) -> dict[str, int]:
+    """Dotted key (array entries numbered, e.g. ``rules.0.match.modality``) -> line number."""
+    index: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    path = ""
     for no, line in enumerate(text.splitlines(), 1):
         s = line.strip()
-        if s.startswith("["):
-            in_section = s.strip("[]").split(".")[0].strip() == section
-            if in_section and len(keys) == 1:
-                return no
-        elif re.match(rf"{re.escape(last)}\s*=", s) and (in_section or len(keys) == 1):
-            return no
+        header = _HEADER.match(s)
+        if header:
+            name = header.group(2)
+            if header.group(1):  # [[array]]: a new entry
+                counts[name] = counts.get(name, -1) + 1
+                path = f"{name}.{counts[name]}"
+            else:  # [table] or [array.sub]: sub-tables belong to the array's last entry
+                head, _, rest = name.partition(".")
+                path = f"{head}.{counts[head]}" + (f".{rest}" if rest else "") \
+                    if head in counts else name
+            index.setdefault(path, no)
+            continue
+        key = _KEY.match(s)
+        if key:
+            index.setdefault(f"{path}.{key.group(1)}" if path else key.group(1), no)
+    return index
+
+
+def _line_of(index: dict[str, int], loc: tuple[Any, ...]) -> int | None:
+    """The line of the key at ``loc``, or of its closest enclosing table."""
+    parts = [str(p) for p in loc]
+    while parts:
+        if ".".join(parts) in index:
+            return index[".".join(parts)]
+        parts.pop()
     return None
+
+
+def _reference_problems(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Cross-references the field validators cannot see: rule -> destination names."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    dests = data.get("destinations") or []
+    names = [d.get("name") for d in dests if isinstance(d, dict)]
+    for i, n in enumerate(names):
+        if n is not None and names.index(n) != i:
+            out.append((("destinations", i, "name"), f"destination name {n!r} is used twice"))
+    for i, rule in enumerate(data.get("rules") or []):
+        if not isinstance(rule, dict):
+            continue
+        for d in rule.get("destinations") or []:
+            if d not in names:
+                out.append((("rules", i, "destinations"), f"names unknown destination {d!r}"))
+    return out
 
 
 def _resolve(cfg: Config, base: Path) -> Config:
@@ -273,15 +303,25 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
     else:
         data, base = {}, Path.cwd()
     _env_overrides(data, environ)
+    found: list[tuple[tuple[Any, ...], str]] = []
+    cfg = None
     try:
         cfg = Config.model_validate({**data, "source": path})
     except ValidationError as exc:
+        found += [(tuple(e["loc"]), "unknown key" if e["type"] == "extra_forbidden"
+                   else e["msg"]) for e in exc.errors()]
+    found += _reference_problems(data)
+    if found or cfg is None:
+        index = _line_index(text)
         problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            line = _line_of(text, err["loc"]) if text else None
-            where = f" (line {line})" if line else ""
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        for loc, msg in found:
+            key = ".".join(str(p) for p in loc) or "(top level)"
+            env = f"AIDNODE_{loc[0]}__{loc[1]}".upper() if len(loc) == 2 else ""
+            if env in environ:
+                where = f" (from {env})"
+            else:
+                line = _line_of(index, loc)
+                where = f" (line {line})" if line else ""
             problems.append(f"{key}{where}: {msg}")
         raise ConfigError(problems, source=path) from None
     return _resolve(cfg, base)

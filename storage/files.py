@@ -78,9 +78,11 @@ class FileStore:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
             _fsync_dir(final.parent)
-        except OSError as exc:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
             final.unlink(missing_ok=True)  # a rename that happened before a failed dir fsync
+            if not isinstance(exc, OSError):
+                raise  # e.g. the chunk source failed: nothing is left behind either way
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpaceError(f"no space left writing under {self.root}") from exc
             raise StoreWriteError(f"writing {rel} failed: {exc}") from exc

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from storage import clock
@@ -136,7 +136,7 @@ def claim(s: Session, kind: JobKind, worker: str, *,
     q = (select(Job).where(Job.kind == kind, Job.status == Q, Job.run_after <= now)
          .order_by(Job.run_after, Job.id).limit(1))
     if exclude_destinations:
-        q = q.where(Job.destination.not_in(exclude_destinations))
+        q = q.where(or_(Job.destination.is_(None), Job.destination.not_in(exclude_destinations)))
     if s.get_bind().dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
     job = s.execute(q).scalars().first()
@@ -167,7 +167,7 @@ def fail(s: Session, job_id: int, token: str, error: str, *, retryable: bool,
          policy: RetryPolicy | None = None, rng: random.Random | None = None) -> JobStatus:
     """Record a failure: back to QUEUED after a backoff when retryable and attempts remain,
     else FAILED. Returns the new status."""
-    job = s.get(Job, job_id)
+    job = s.get(Job, job_id, populate_existing=True)  # claim() updated the row behind the ORM
     if job is None:
         raise JobStateError(f"job {job_id} does not exist")
     policy = policy or RetryPolicy(max_attempts=job.max_attempts)
