@@ -139,6 +139,10 @@ def on_requested(event: evt.Event, rx: Receiver) -> None:
     log.warning("rejecting association from %s@%s: %s", clean(calling), host, why)
     rx.metrics.associations.labels("rejected").inc()
     assoc.acse.send_reject(*reject)
+    # send_reject only queues the PDU; pynetdicom closes the socket as soon as this handler
+    # returns. Wait, as pynetdicom's own rejections do, until the DUL has sent it and is idle,
+    # or the peer sees a dropped connection instead of the A-ASSOCIATE-RJ.
+    assoc.kill()
     try:
         with rx.db.write() as s:
             audit.record(s, audit.AuditKind.ASSOCIATION_REJECTED, ae_title=calling[:16],

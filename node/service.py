@@ -177,7 +177,10 @@ class Service:
             socketserver.BaseServer.shutdown(self.server)  # stop the accept loop
             self.server.server_close()  # close the listening socket: no new associations
             deadline = time.monotonic() + grace_s
-            while self.server.active_associations and time.monotonic() < deadline:
+            # Only associations in progress: a connection that never sent an A-ASSOCIATE-RQ
+            # (a port probe) would otherwise hold the stop until the ACSE timeout.
+            while (any(a.is_established for a in self.server.active_associations)
+                   and time.monotonic() < deadline):
                 time.sleep(0.05)
         self.stopping.set()
         for t in self.threads:
