@@ -43,4 +43,5 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    for noisy in ("pynetdicom", "highdicom", "alembic", "transformers", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -173,7 +173,7 @@ def fail(s: Session, job_id: int, token: str, error: str, *, retryable: bool,
     policy = policy or RetryPolicy(max_attempts=job.max_attempts)
     if retryable and job.attempts < policy.max_attempts:
         delay = policy.delay(job.attempts, rng)
-        _transition(s, job_id, R, Q, token=token, message=f"retry in {delay:.1f}s: {error}",
+        _transition(s, job_id, R, Q, token=token, message=f"retry in {delay:.2f}s: {error}",
                     last_error=error, lease_token=None,
                     run_after=clock.now() + timedelta(seconds=delay))
         return Q

@@ -74,6 +74,7 @@ def toml_value(value: object) -> str:
 
 def node_config_text(port: int, *, peers: list[dict[str, object]] | None = None,
                      rules: list[dict[str, object]] | None = None,
+                     destinations: list[dict[str, object]] | None = None,
                      **sections: dict[str, object]) -> str:
     """A complete test config: loopback, no model, no metrics, short assembly waits.
 
@@ -100,7 +101,8 @@ def node_config_text(port: int, *, peers: list[dict[str, object]] | None = None,
         lines.append(f"[{name}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         lines.append("")
-    for table, entries in (("peers", peers), ("rules", rules)):
+    for table, entries in (("peers", peers), ("rules", rules),
+                           ("destinations", destinations or [])):
         for entry in entries:
             lines.append(f"[[{table}]]")
             lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
@@ -172,3 +174,26 @@ def node_service(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
     yield start
     for service in reversed(started):
         service.stop(grace_s=5)
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid model package with untrained weights and thresholds of 0.01, so every finding
+    is "present" and the whole SR + SC chain runs, without minutes of training."""
+    from dataclasses import replace
+
+    from inference.context import DEFAULT_FIELDS
+    from inference.model import FusedModel, ModelConfig
+    from inference.package import save_package
+    from inference.pixels import Windowing
+    from inference.train import DEMO_LABELS
+
+    import torch
+
+    torch.manual_seed(0)
+    labels = [replace(lab, threshold=0.01) for lab in DEMO_LABELS]
+    folder = tmp_path_factory.mktemp("model") / "untrained"
+    save_package(folder, FusedModel(ModelConfig(num_labels=len(labels))), name="test-untrained",
+                 version="0.0.1", description="untrained, for pipeline tests", labels=labels,
+                 windowing=Windowing(), text_fields=DEFAULT_FIELDS)
+    return folder
