@@ -1,0 +1,65 @@
+"""The Prometheus endpoint: scraped before and after traffic, the counters move."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from storage import audit
+from tests.conftest import RunningNode
+from tests.dicomgen import ct_series
+from tests.peers import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(aidnode_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def test_metrics_move_with_traffic(node_service: Callable[..., RunningNode]) -> None:
+    port = free_port()
+    node = node_service(metrics={"enabled": True, "port": port})
+    assert node.service.metrics_port == port
+    before = scrape(port)
+    assert before.get('aidnode_instances_received_total{outcome="new"}', 0) == 0
+    ae = AE("MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    series = ct_series(5, rows=32, cols=32)
+    statuses = [assoc.send_c_store(ds).Status for ds in series]
+    statuses.append(assoc.send_c_store(series[0]).Status)  # a duplicate
+    assoc.release()
+    assert statuses == [0] * 6
+    after = scrape(port)
+    assert after['aidnode_instances_received_total{outcome="new"}'] == 5
+    assert after['aidnode_instances_received_total{outcome="duplicate-same"}'] == 1
+    assert after["aidnode_store_seconds_count"] == 6
+    assert after['aidnode_associations_total{outcome="accepted"}'] == 1
+    # Housekeeping publishes the queue gauges: one ANALYZE job queued for the stable study.
+    wait_for(lambda: scrape(port).get('aidnode_queue_depth{kind="ANALYZE"}') == 1, 20,
+             what="the queue gauge to show the job")
+    assert scrape(port)["aidnode_disk_free_bytes"] > 0
+    # The association is audited with its count, and nothing identifies the patient.
+    wait_for(lambda: _received(node), 10, what="the audit event")
+    events = _received(node)
+    assert events[0].detail["stored"] == 6
+    assert "TEST^ID" not in str([e.detail for e in events])
+
+
+def _received(node: RunningNode) -> list[audit.AuditEvent]:  # type: ignore[name-defined]
+    with node.db.read() as s:
+        return audit.recent(s, kind=audit.AuditKind.INSTANCES_RECEIVED.value)
