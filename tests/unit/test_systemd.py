@@ -47,7 +47,7 @@ def test_unit_is_a_notify_service_with_watchdog_and_restart() -> None:
     assert int(_one(service, "WatchdogSec")) > 0
     assert _one(service, "Restart") == "on-failure"
     assert _one(service, "KillSignal") == "SIGTERM"
-    assert _one(service, "ExecStart").endswith("aidnode serve --config /etc/aidnode/config.toml")
+    assert _one(service, "ExecStart").endswith("aidnode --config /etc/aidnode/config.toml serve")
 
 
 def test_unit_runs_as_dedicated_user_with_only_its_state_directory_writable() -> None:
