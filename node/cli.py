@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,24 @@ from node.config import Config, load_config
 from node.errors import ConfigError, NodeError
 from storage.errors import StorageError
 
+try:  # recent typer vendors click as typer._click; older typer uses click itself
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as _click_exc  # type: ignore[no-redef]
+
+ClickException = _click_exc.ClickException
+UsageError = _click_exc.UsageError
+#: click >= 8.2: a group called without its sub-command (shows the group's help)
+NoArgsIsHelpError: Any = getattr(_click_exc, "NoArgsIsHelpError", ())
+
 log = logging.getLogger(__name__)
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+# markup off: UIDs, descriptions and error messages may hold "[...]", which is data, not style.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
-                  help="aidnode: a DICOM node that analyses studies and sends results back.")
+                  help="aidnode: a DICOM node that analyses studies and sends results back.\n\n"
+                       "Example: aidnode -c /etc/aidnode/config.toml status")
 
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", "-c", envvar="AIDNODE_CONFIG",
@@ -45,6 +58,12 @@ class State:
     _config: Config | None = None
     _storage: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Release the database connections opened for this command."""
+        if self._storage is not None:
+            self._storage[0].dispose()
+            self._storage = None
 
     @property
     def config(self) -> Config:
@@ -70,6 +89,7 @@ def state(ctx: typer.Context) -> State:
     root = ctx.find_root()
     if not isinstance(root.obj, State):
         root.obj = State()
+        root.call_on_close(root.obj.close)
     return root.obj
 
 
@@ -86,8 +106,8 @@ def _root(ctx: typer.Context, config: ConfigOpt = None,
 
 def emit(data: Any, as_json: bool, table: Table | str | None = None) -> None:
     """Print ``data`` as JSON, or the table/text for people."""
-    if as_json:
-        out.print_json(json.dumps(data, default=str))
+    if as_json:  # plain stdout: no colour codes and no wrapping, whatever the terminal
+        typer.echo(json.dumps(data, indent=2, default=str))
     elif table is not None:
         out.print(table)
 
@@ -95,7 +115,7 @@ def emit(data: Any, as_json: bool, table: Table | str | None = None) -> None:
 def make_table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # fold, never truncate: a cut UID is useless
     for r in rows:
         t.add_row(*["" if v is None else str(v) for v in r])
     return t
@@ -110,9 +130,19 @@ def audit_admin(ctx: typer.Context, action: str, **detail: Any) -> None:
                      user=os.environ.get("USER", "?"), **detail)
 
 
+#: scheme://user:PASSWORD@host...; greedy up to the last "@", so an unescaped "@" leaks nothing
+_URL_PASSWORD = re.compile(r"^(?P<head>[^:/]+://[^:@/]*:).*@(?P<tail>[^@]*)$", re.DOTALL)
+
+
+def mask_password(url: str) -> str:
+    """The URL with its password, if any, replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\g<head>***@\g<tail>", url)
+
+
 def require_yes(yes: bool, what: str) -> None:
+    """A usage error (exit 2) unless the destructive action was confirmed with --yes."""
     if not yes:
-        raise typer.BadParameter(f"{what}: add --yes to confirm")
+        raise UsageError(f"{what} needs --yes to confirm")
 
 
 # -- commands that live here: serve, db, config, echo, send ----------------------------------
@@ -134,19 +164,24 @@ def serve(ctx: typer.Context) -> None:
     raise typer.Exit(Service(cfg, db, store).run_forever())
 
 
-db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+db_app = typer.Typer(no_args_is_help=True,
+                     help="Database schema.\n\nExample: aidnode db upgrade")
 app.add_typer(db_app, name="db")
 
 
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
-    """Apply pending schema migrations. Example: aidnode db upgrade"""
+    """Apply pending schema migrations.
+
+    Example: aidnode db upgrade
+    """
     db, _ = state(ctx).storage(check_schema=False)
     rev = db.upgrade()
     out.print(f"database at revision {rev}")
 
 
-config_app = typer.Typer(no_args_is_help=True, help="Configuration.")
+config_app = typer.Typer(no_args_is_help=True,
+                         help="Configuration.\n\nExample: aidnode config check")
 app.add_typer(config_app, name="config")
 
 
@@ -158,10 +193,7 @@ def config_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """
     cfg = state(ctx).config
     data = json.loads(cfg.model_dump_json())
-    url = data["database"]["url"]
-    if "@" in url and ":" in url.split("@")[0].split("//")[-1]:
-        user = url.split("//")[1].split(":")[0]
-        data["database"]["url"] = url.split("//")[0] + f"//{user}:***@" + url.split("@", 1)[1]
+    data["database"]["url"] = mask_password(cfg.database.url)
     if as_json:
         emit(data, True)
     else:
@@ -173,7 +205,10 @@ def config_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 def echo(ctx: typer.Context, peer: Annotated[str, typer.Argument(help="AET@HOST:PORT")],
          calling_ae: Annotated[str, typer.Option("--aet", help="Our AE title.")] = "AIDNODE",
          as_json: JsonOpt = False) -> None:
-    """C-ECHO a peer. Example: aidnode echo ORTHANC@127.0.0.1:4242"""
+    """C-ECHO a peer.
+
+    Example: aidnode echo ORTHANC@127.0.0.1:4242
+    """
     import time
 
     from node.scu import Peer
@@ -202,6 +237,7 @@ def send(ctx: typer.Context,
     from rich.progress import Progress
 
     from node.scu import Peer, dicom_files, send_files
+    from node.status import is_success, is_warning
 
     p = Peer.parse(to)
     files = dicom_files(paths)
@@ -210,12 +246,12 @@ def send(ctx: typer.Context,
     with Progress(console=err, disable=as_json) as bar:
         task = bar.add_task(f"sending to {p}", total=len(files))
         results = send_files(p, files, calling_ae, on_sent=lambda f, s: bar.advance(task))
-    ok = [f for f, s in results if s == 0 or (s & 0xF000) == 0xB000]
-    bad = [(f, s) for f, s in results if (f, s) not in [(g, t) for g, t in results
-                                                         if g in ok]]
+    ok = [f for f, s in results if is_success(s) or is_warning(s)]
+    bad = [(f, s) for f, s in results if not (is_success(s) or is_warning(s))]
     emit({"sent": len(ok), "failed": [{"file": str(f), "status": s} for f, s in bad]}, as_json,
          f"{len(ok)} of {len(results)} sent to {p}"
-         + "".join(f"\n  {f}: status {s if s < 0 else hex(s)}" for f, s in bad))
+         + "".join(f"\n  {f}: " + ("not a DICOM file" if s < 0 else f"status 0x{s:04X}")
+                   for f, s in bad))
     if bad:
         raise typer.Exit(1)
 
@@ -228,11 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit 1 for errors and 2 for configuration."""
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode click *returns* the code of a ``typer.Exit`` (and --help).
+        rc = app(args=argv, prog_name="aidnode", standalone_mode=False)
     except ConfigError as exc:
         err.print(f"error: {exc}")
         sys.exit(2)
-    except (NodeError, StorageError, InferenceError, FileNotFoundError) as exc:
+    except (NodeError, StorageError, InferenceError, OSError) as exc:
         log.debug("command failed", exc_info=True)
         err.print(f"error: {exc}")
         sys.exit(1)
@@ -241,11 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(1)
-    except Exception as exc:  # click's usage errors
-        from click.exceptions import ClickException
-
-        if isinstance(exc, ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
-    sys.exit(0)
+    except NoArgsIsHelpError as exc:  # a group without its sub-command: show its help
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UsageError as exc:
+        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        err.print(f"error: {exc.format_message()}{hint}")
+        sys.exit(exc.exit_code)
+    except ClickException as exc:
+        err.print(f"error: {exc.format_message()}")
+        sys.exit(exc.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -17,7 +17,8 @@ from node import models
 from node.cli import JsonOpt, app, emit, err, make_table, out, state
 from node.errors import NodeError
 
-model_app = typer.Typer(no_args_is_help=True, help="Model packages.")
+model_app = typer.Typer(no_args_is_help=True,
+                        help="Model packages.\n\nExample: aidnode model list")
 app.add_typer(model_app, name="model")
 
 
@@ -37,7 +38,10 @@ def training_bar(enabled: bool = True) -> Iterator[Callable[[int, int, float], N
 
 @model_app.command("list")
 def model_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Installed model packages. Example: aidnode model list"""
+    """Installed model packages.
+
+    Example: aidnode model list
+    """
     cfg = state(ctx).config
     data = [{"name": m.name, "version": m.version, "path": str(m.directory),
              "used_by": [r.name for r in cfg.rules
@@ -50,8 +54,10 @@ def model_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 @model_app.command("verify")
 def model_verify(directory: Path, as_json: JsonOpt = False) -> None:
-    """Check a model package (card, labels, weights, checksum). Example: aidnode model verify
-    var/models/demo"""
+    """Check a model package (card, labels, weights, checksum).
+
+    Example: aidnode model verify var/models/demo
+    """
     from inference.package import verify_package
 
     problems = verify_package(directory)
@@ -69,19 +75,18 @@ def model_test(directory: Path, files: list[Path], as_json: JsonOpt = False,
 
     Example: aidnode model test var/models/demo image.dcm
     """
-    from inference.predict import Predictor
     from pydicom import dcmread
 
     from inference.package import load_package
+    from inference.predict import Predictor
 
     predictor = Predictor(load_package(directory), device=device)
     pred = predictor.predict([dcmread(f) for f in files])
-    data = pred.summary()
-    emit(data, as_json, make_table(
+    emit(pred.summary(), as_json, make_table(
         f"{pred.model_name} {pred.model_version} on {pred.device}, {len(pred.analysed)} images, "
         f"{pred.seconds:.2f}s", ["finding", "probability", "threshold", "result"],
-        [[f["meaning"], f"{f['probability']:.3f}", f["threshold"],
-          "PRESENT" if f["present"] else "absent"] for f in data["findings"]]))
+        [[f.label.code_meaning, f"{f.probability:.3f}", f.label.threshold,
+          "PRESENT" if f.present else "absent"] for f in pred.findings]))
 
 
 @model_app.command("train")
@@ -121,8 +126,12 @@ def model_demo(ctx: typer.Context,
                steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
                force: Annotated[bool, typer.Option(help="Rebuild if present.")] = False,
                as_json: JsonOpt = False) -> None:
-    """Build the synthetic-data demo model offline (a few minutes on CPU) and print its
-    held-out AUROC and heatmap pointing accuracy. Example: aidnode model demo"""
+    """Build the synthetic-data demo model offline (a few minutes on CPU).
+
+    Prints its held-out AUROC and heatmap pointing accuracy.
+
+    Example: aidnode model demo
+    """
     from inference.train import build_demo_package
 
     cfg = state(ctx).config
@@ -150,8 +159,12 @@ def demo(ctx: typer.Context,
                                                            "temporary folder).")] = None,
          timeout: Annotated[float, typer.Option(help="Seconds to wait for results.")] = 600,
          as_json: JsonOpt = False) -> None:
-    """Run the whole loop on this machine: node + stand-in PACS, a generated study in, SR and
-    heatmap SC out, PNGs written. Example: aidnode demo"""
+    """Run the whole loop on this machine: node, stand-in PACS, synthetic study, results.
+
+    A generated study goes in, the SR and heatmap SC come back out, PNGs are written.
+
+    Example: aidnode demo
+    """
     import socket
 
     from pydicom import dcmread
@@ -161,15 +174,23 @@ def demo(ctx: typer.Context,
     from node.scu import Peer, send_files
     from node.service import Service, open_storage
     from node.standin import StandInPACS
+    from storage import clock
 
     base_cfg = state(ctx).config
     work = workdir or Path(tempfile.mkdtemp(prefix="aidnode-demo-"))
     work.mkdir(parents=True, exist_ok=True)
+    if not (models.model_dir(base_cfg, models.DEMO) / "model.json").exists():
+        from inference.train import build_demo_package
+
+        err.print("building the demo model first (once; a few minutes on CPU)")
+        with training_bar(not as_json) as bar:
+            build_demo_package(models.model_dir(base_cfg, models.DEMO),
+                               steps=base_cfg.inference.demo_steps, seed=0, progress=bar)
     pacs = StandInPACS(work / "pacs")
     pacs_port = pacs.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        node_port = s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        node_port = sock.getsockname()[1]
     cfg_file = work / "demo.toml"
     cfg_file.write_text(f"""
 [node]
@@ -188,7 +209,7 @@ stable_after_s = 1
 check_interval_s = 0.2
 [[rules]]
 name = "demo"
-model = "{models.model_dir(base_cfg, models.DEMO)}"
+model = {json.dumps(str(models.model_dir(base_cfg, models.DEMO)))}
 destinations = ["standin"]
 [[destinations]]
 name = "standin"
@@ -196,22 +217,20 @@ ae_title = "STANDIN_PACS"
 host = "127.0.0.1"
 port = {pacs_port}
 [inference]
-models_dir = "{base_cfg.inference.models_dir}"
+models_dir = {json.dumps(str(base_cfg.inference.models_dir))}
 [metrics]
 enabled = false
 """)
-    cfg = load_config(cfg_file, environ={})
-    if not (models.model_dir(base_cfg, models.DEMO) / "model.json").exists():
-        from inference.train import build_demo_package
-
-        err.print("building the demo model first (once; a few minutes on CPU)")
-        with training_bar(not as_json) as bar:
-            build_demo_package(models.model_dir(base_cfg, models.DEMO),
-                               steps=base_cfg.inference.demo_steps, seed=0, progress=bar)
-    db, store = open_storage(cfg)
-    db.upgrade()
-    svc = Service(cfg, db, store)
-    svc.start()
+    since = clock.now()
+    try:
+        cfg = load_config(cfg_file, environ={})
+        db, store = open_storage(cfg)
+        db.upgrade()
+        svc = Service(cfg, db, store)
+        svc.start()
+    except BaseException:
+        pacs.stop()
+        raise
     t0 = time.monotonic()
     try:
         study = phantom_study(seed=7, n_images=1, nodule=True, effusion=False)
@@ -226,16 +245,13 @@ enabled = false
             raise NodeError(f"the node refused the demo study: {sent}")
         err.print(f"sent {len(files)} image(s) of a synthetic study; waiting for results")
 
-        def arrived() -> list[Any]:
-            return [dcmread(p) for p in list(pacs.received)]
-
-        _wait(lambda: any(d.Modality == "SR" for d in arrived()), timeout, "the SR")
-        _wait(lambda: len(pacs.received) >= 2 or time.monotonic() - t0 > timeout, timeout,
-              "the heatmaps")
+        # Done when every DELIVER job (enqueued with the analysis's results) has succeeded:
+        # the stand-in PACS then holds the SR and however many heatmaps the findings called for.
+        _wait(lambda: _demo_delivered(db, since), timeout, "the results to reach the PACS")
     finally:
         svc.stop(grace_s=5)
         pacs.stop()
-    objs = arrived()
+    objs = [dcmread(p) for p in list(pacs.received)]
     pngs = _write_pngs(objs, work)
     with db.read() as s:
         from sqlalchemy import select
@@ -259,10 +275,26 @@ enabled = false
     out.print("Synthetic-data demo model: not for diagnostic use.")
 
 
+def _demo_delivered(db: Any, since: Any) -> bool:
+    """True once the demo's jobs delivered everything; NodeError as soon as one failed."""
+    from sqlalchemy import select
+
+    from storage.models import Job, JobKind, JobStatus
+
+    with db.read() as s:
+        rows = s.execute(select(Job.id, Job.kind, Job.status, Job.last_error)
+                         .where(Job.created_at >= since)).all()
+    for r in rows:
+        if r.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise NodeError(f"the demo's {r.kind.value} job {r.id} failed: {r.last_error}")
+    delivers = [r for r in rows if r.kind == JobKind.DELIVER]
+    return bool(delivers) and all(r.status == JobStatus.SUCCEEDED for r in delivers)
+
+
 def _write_pngs(objs: list[Any], work: Path) -> list[str]:
     from PIL import Image
 
-    out_paths = []
+    out_paths: list[str] = []
     for d in objs:
         if d.Modality != "SR" and d.get("SamplesPerPixel") == 3:
             p = work / f"heatmap-{len(out_paths) + 1}.png"

@@ -95,13 +95,18 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         out.print(f"  job {e['job']} ({e['kind']}): {e['error']}")
 
 
-studies_app = typer.Typer(no_args_is_help=True, help="Received studies.")
+studies_app = typer.Typer(no_args_is_help=True,
+                        help="Received studies.\n\n"
+                             "Example: aidnode studies list")
 app.add_typer(studies_app, name="studies")
 
 
 @studies_app.command("list")
 def studies_list(ctx: typer.Context, limit: LimitOpt = 50, as_json: JsonOpt = False) -> None:
-    """Received studies with their state. Example: aidnode studies list -n 20"""
+    """Received studies with their state.
+
+    Example: aidnode studies list -n 20
+    """
     db, _ = state(ctx).storage()
     with db.read() as s:
         rows = list(s.execute(select(Study).order_by(Study.last_received_at.desc())
@@ -119,7 +124,10 @@ def studies_list(ctx: typer.Context, limit: LimitOpt = 50, as_json: JsonOpt = Fa
 
 @studies_app.command("show")
 def studies_show(ctx: typer.Context, study_uid: str, as_json: JsonOpt = False) -> None:
-    """One study: series, jobs, results. Example: aidnode studies show 1.2.3.4"""
+    """One study: series, jobs, results.
+
+    Example: aidnode studies show 1.2.3.4
+    """
     db, _ = state(ctx).storage()
     with db.read() as s:
         st = s.execute(select(Study).where(Study.study_instance_uid == study_uid)).scalar()
@@ -156,7 +164,9 @@ def studies_show(ctx: typer.Context, study_uid: str, as_json: JsonOpt = False) -
                       f"{'PRESENT' if f['present'] else 'absent'}")
 
 
-jobs_app = typer.Typer(no_args_is_help=True, help="The job queue (ANALYZE, DELIVER).")
+jobs_app = typer.Typer(no_args_is_help=True,
+                     help="The job queue (ANALYZE, DELIVER).\n\n"
+                          "Example: aidnode jobs list --status FAILED")
 app.add_typer(jobs_app, name="jobs")
 
 
@@ -174,16 +184,22 @@ def jobs_list(ctx: typer.Context,
                                    "CANCELLED")] = None,
               kind: Annotated[str | None, typer.Option("--kind", help="ANALYZE or DELIVER")]
               = None, limit: LimitOpt = 50, as_json: JsonOpt = False) -> None:
-    """Jobs, newest first. Example: aidnode jobs list --status FAILED"""
+    """Jobs, newest first.
+
+    Example: aidnode jobs list --status FAILED
+    """
     db, _ = state(ctx).storage()
     q = select(Job).order_by(Job.id.desc()).limit(limit)
-    try:
-        if status_:
-            q = q.where(Job.status == JobStatus(status_.upper()))
-        if kind:
-            q = q.where(Job.kind == JobKind(kind.upper()))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    if status_:
+        if status_.upper() not in JobStatus.__members__:
+            raise typer.BadParameter(f"{status_!r} is not one of {', '.join(JobStatus)}",
+                                     param_hint="--status")
+        q = q.where(Job.status == JobStatus(status_.upper()))
+    if kind:
+        if kind.upper() not in JobKind.__members__:
+            raise typer.BadParameter(f"{kind!r} is not one of {', '.join(JobKind)}",
+                                     param_hint="--kind")
+        q = q.where(Job.kind == JobKind(kind.upper()))
     with db.read() as s:
         data = [_job_dict(j) for j in s.execute(q).scalars()]
     emit(data, as_json, make_table("jobs", ["id", "kind", "status", "dest", "attempts",
@@ -196,7 +212,10 @@ def jobs_list(ctx: typer.Context,
 
 @jobs_app.command("show")
 def jobs_show(ctx: typer.Context, job_id: int, as_json: JsonOpt = False) -> None:
-    """One job with its events. Example: aidnode jobs show 12"""
+    """One job with its events.
+
+    Example: aidnode jobs show 12
+    """
     db, _ = state(ctx).storage()
     with db.read() as s:
         j = s.get(Job, job_id)
@@ -215,7 +234,10 @@ def jobs_show(ctx: typer.Context, job_id: int, as_json: JsonOpt = False) -> None
 
 @jobs_app.command("retry")
 def jobs_retry(ctx: typer.Context, job_ids: list[int]) -> None:
-    """Re-queue dead-lettered or cancelled jobs. Example: aidnode jobs retry 12 13"""
+    """Re-queue dead-lettered or cancelled jobs.
+
+    Example: aidnode jobs retry 12 13
+    """
     db, _ = state(ctx).storage()
     for job_id in job_ids:
         with db.write() as s:
@@ -226,7 +248,10 @@ def jobs_retry(ctx: typer.Context, job_ids: list[int]) -> None:
 
 @jobs_app.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_ids: list[int], yes: YesOpt = False) -> None:
-    """Cancel queued or running jobs. Example: aidnode jobs cancel 12 --yes"""
+    """Cancel queued or running jobs.
+
+    Example: aidnode jobs cancel 12 --yes
+    """
     require_yes(yes, "cancel")
     db, _ = state(ctx).storage()
     for job_id in job_ids:
@@ -236,7 +261,9 @@ def jobs_cancel(ctx: typer.Context, job_ids: list[int], yes: YesOpt = False) -> 
         out.print(f"job {job_id} cancelled")
 
 
-deliveries_app = typer.Typer(no_args_is_help=True, help="Result deliveries to destinations.")
+deliveries_app = typer.Typer(no_args_is_help=True,
+                           help="Result deliveries to destinations.\n\n"
+                                "Example: aidnode deliveries list --dead")
 app.add_typer(deliveries_app, name="deliveries")
 
 
@@ -275,7 +302,10 @@ def deliveries_list(ctx: typer.Context,
 @deliveries_app.command("retry")
 def deliveries_retry(ctx: typer.Context, job_ids: Annotated[list[int] | None, typer.Argument(
         help="DELIVER job ids; none means every dead letter")] = None) -> None:
-    """Re-queue dead-lettered deliveries. Example: aidnode deliveries retry"""
+    """Re-queue dead-lettered deliveries.
+
+    Example: aidnode deliveries retry
+    """
     db, _ = state(ctx).storage()
     with db.read() as s:
         ids = job_ids or list(s.execute(select(Job.id).where(
@@ -290,7 +320,9 @@ def deliveries_retry(ctx: typer.Context, job_ids: Annotated[list[int] | None, ty
     out.print(f"{len(ids)} deliveries re-queued")
 
 
-rules_app = typer.Typer(no_args_is_help=True, help="Routing rules.")
+rules_app = typer.Typer(no_args_is_help=True,
+                      help="Routing rules.\n\n"
+                           "Example: aidnode rules explain 1.2.826.0.1.3680043.8.498.1")
 app.add_typer(rules_app, name="rules")
 
 
@@ -324,7 +356,9 @@ def rules_explain(ctx: typer.Context, study_uid: str, as_json: JsonOpt = False) 
             out.print(f"        {r}")
 
 
-audit_app = typer.Typer(no_args_is_help=True, help="Audit events.")
+audit_app = typer.Typer(no_args_is_help=True,
+                      help="Audit events.\n\n"
+                           "Example: aidnode audit list --kind admin")
 app.add_typer(audit_app, name="audit")
 
 
@@ -332,7 +366,10 @@ app.add_typer(audit_app, name="audit")
 def audit_list(ctx: typer.Context, kind: Annotated[str | None, typer.Option(
         "--kind", help="e.g. association-rejected, admin")] = None,
                limit: LimitOpt = 50, as_json: JsonOpt = False) -> None:
-    """Audit events, newest first. Example: aidnode audit list --kind admin"""
+    """Audit events, newest first.
+
+    Example: aidnode audit list --kind admin
+    """
     from storage import audit
 
     db, _ = state(ctx).storage()
