@@ -19,6 +19,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.exc import IntegrityError
 
@@ -39,6 +40,7 @@ from storage.files import FileStore
 log = logging.getLogger(__name__)
 
 UID_SYNTAX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1
+PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix before the file meta
 
 
 def configure_pynetdicom() -> None:
@@ -242,7 +244,9 @@ def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
             image_type=_text(ds, "ImageType", 128), calling_ae=st.calling_ae,
             called_ae=rx.config.node.ae_title, calling_host=st.host, association_id=st.id)
         rx.store.check_space(len(raw))
-        header = event.encoded_dataset(include_meta=True)[: -len(raw) or None]
+        # What event.encoded_dataset(include_meta=True) puts before the data set, without
+        # copying the data set twice more to build it.
+        header = PREAMBLE + encode_file_meta(event.file_meta)
         stored = rx.store.write([header, raw])
         stored_path = stored.path
         replace = rx.config.storage.duplicate_policy == "replace"

@@ -1,0 +1,243 @@
+"""Shared helpers for the benchmarks: machine facts, medians, receivers as subprocesses, RSS.
+
+Every receiver runs on loopback on a free port and is stopped (SIGTERM, then SIGKILL) when its
+context exits. Peers that are not ours get ``TCP_NODELAY=1`` in their environment (see
+shared/BASELINES.md: Debian's dcmtk and Orthanc stall at ~20 images/s without it).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.conftest import node_config_text
+from tests.peers import (
+    LOOPBACK,
+    free_port,
+    wait_for_port,
+)
+
+NODE_AE = "AIDNODE"
+STOP_TIMEOUT_S = 15.0
+
+
+def machine() -> dict[str, Any]:
+    """nproc, CPU model, RAM and the software versions that matter to the figures."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gib = 0.0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = int(line.split()[1]) / 2**20
+                break
+    except OSError:
+        pass
+    import pydicom
+    import pynetdicom
+
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(ram_gib, 1),
+            "python": platform.python_version(), "pydicom": pydicom.__version__,
+            "pynetdicom": pynetdicom.__version__, "kernel": platform.release()}
+
+
+def print_machine(info: dict[str, Any]) -> None:
+    print(f"machine: {info['nproc']} CPU(s), {info['cpu']}, {info['ram_gib']} GiB RAM, "
+          f"Linux {info['kernel']}, Python {info['python']}, pydicom {info['pydicom']}, "
+          f"pynetdicom {info['pynetdicom']}")
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, wait, SIGKILL if it ignores it; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+# -- RSS ---------------------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int | None:
+    """VmRSS of ``pid`` in KiB, or None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class RSSSampler:
+    """Samples a process's VmRSS every ``interval_s`` in a thread; ``peak_kib`` is the maximum."""
+
+    pid: int
+    interval_s: float = 0.05
+    peak_kib: int = 0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = rss_kib(self.pid)
+            if value is None:
+                return
+            self.peak_kib = max(self.peak_kib, value)
+            self.samples += 1
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Self:
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+# -- aidnode serve as a subprocess -------------------------------------------------------------
+
+
+@dataclass
+class AidnodeProcess:
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    folder: Path
+    log_path: Path
+    ae_title: str = NODE_AE
+
+    @property
+    def db_path(self) -> Path:
+        return self.folder / "var" / "aidnode.db"
+
+    def instance_count(self) -> int:
+        """Rows in the instances table (read-only; WAL lets us read while it writes)."""
+        with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10) as conn:
+            return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10) as conn:
+            return list(conn.execute(sql, params).fetchall())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def aidnode_serve(folder: Path, *, rules: list[dict[str, object]] | None = None,
+                  destinations: list[dict[str, object]] | None = None,
+                  env: dict[str, str] | None = None,
+                  **sections: dict[str, object]) -> Iterator[AidnodeProcess]:
+    """``aidnode serve`` in a subprocess with a temp config in ``folder``; stopped on exit.
+
+    Durability is always on (the file store fsyncs, SQLite runs ``synchronous=FULL``). By default
+    no rule matches anything (so no job is ever queued), there are no workers and no metrics.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    sections.setdefault("inference", {"workers": 0, "models_dir": "models"})
+    cfg = folder / "config.toml"
+    cfg.write_text(node_config_text(
+        port, rules=[] if rules is None else rules, destinations=destinations,
+        **{"node": {"dimse_timeout_s": 60, "network_timeout_s": 60}, **sections}),
+        encoding="utf-8")
+    log_path = folder / "aidnode.log"
+    run_env = dict(os.environ, **(env or {}))
+    run_env.pop("AIDNODE_CONFIG", None)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from node.cli import main; main()", "-c", str(cfg), "serve"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            env=run_env)
+    node = AidnodeProcess(LOOPBACK, port, proc, folder, log_path)
+    try:
+        try:
+            wait_for_port(LOOPBACK, port, timeout=120, proc=proc)
+        except Exception as exc:
+            raise RuntimeError(f"aidnode serve did not start: {exc}\n{node.log()[-3000:]}") from exc
+        yield node
+    finally:
+        stop_process(proc)
+
+
+# -- pynetdicom's own storescp app -------------------------------------------------------------
+
+
+@dataclass
+class SimplePeer:
+    aet: str
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+
+@contextmanager
+def pynetdicom_storescp(out_dir: Path, *, aet: str = "PYSTORESCP") -> Iterator[SimplePeer]:
+    """``python -m pynetdicom storescp`` writing files into ``out_dir`` (its defaults otherwise)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pynetdicom", "storescp", "-aet", aet, "-od", str(out_dir),
+             "-ba", LOOPBACK, str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, TCP_NODELAY="1"))
+        try:
+            wait_for_port(LOOPBACK, port, timeout=60, proc=proc)
+            yield SimplePeer(aet, LOOPBACK, port, proc)
+        finally:
+            stop_process(proc)
+
+
+def count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate()`` until truthy or ``timeout`` s; returns whether it became truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

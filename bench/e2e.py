@@ -1,0 +1,193 @@
+"""End to end: last instance of a study acknowledged -> its SR and SC acknowledged by the PACS.
+
+    python bench/e2e.py [--ct-slices 300] [--stable-after 2] [--json] [--skip-ct]
+
+``aidnode serve`` runs as a subprocess (one worker, CPU, durable store) with a rule that selects
+CR and CT and delivers to a stand-in PACS (``node.standin.StandInPACS``) run in this process. A
+1-image CR study and an N-slice CT study (512x512; the model runs on every slice) are sent with
+``node.scu.send_files``. For each: total = time from the last C-STORE-RSP the sender got to the
+last result object the PACS acknowledged (the one that completes the study's deliveries);
+wait = the configured ``assembly.stable_after_s``; model = the ``seconds`` of the result summary
+(the model's forward passes and heatmaps); overhead = total - wait - model, which holds the
+assembler and worker/sender polling, reading the instances back, building SR/SC, storing them
+and the association to the PACS. The model is the demo package when installed under
+var/models/demo, else an untrained package of the same architecture (thresholds 0.01, so every
+finding is present and one SC per finding is sent); the report says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, aidnode_serve, fmt, machine, print_machine, wait_until
+from pynetdicom import evt
+
+from node.scu import Peer, send_files
+from node.standin import StandInPACS
+from tests.dicomgen import cr_image, ct_series, write_all
+
+DEMO_DIR = ROOT / "var" / "models" / "demo"
+PACS_AE = "BENCHPACS"
+STUDY_TIMEOUT_S = 600.0
+
+
+@dataclass
+class TimedPACS(StandInPACS):
+    """The stand-in PACS, noting when it acknowledged each object and of which study."""
+
+    acked: list[tuple[float, str, str]] = field(default_factory=list)  # (t, study, modality)
+
+    def _store(self, event: evt.Event) -> int:
+        status = super()._store(event)
+        ds = event.dataset
+        with self._lock:
+            self.acked.append((time.perf_counter(), str(ds.StudyInstanceUID),
+                               str(ds.get("Modality", ""))))
+        return status
+
+
+@dataclass
+class StudyRun:
+    study: str
+    images: int
+    total_s: float | None
+    wait_s: float
+    model_s: float | None
+    overhead_s: float | None
+    objects: int
+    send_s: float
+    note: str = ""
+
+
+def model_package(tmp: Path) -> tuple[Path, str]:
+    """The demo package if installed, else an untrained one (as tests/conftest.py builds)."""
+    if (DEMO_DIR / "model.json").is_file():
+        return DEMO_DIR, f"demo model ({DEMO_DIR})"
+    from dataclasses import replace
+
+    import torch
+
+    from inference.context import DEFAULT_FIELDS
+    from inference.model import FusedModel, ModelConfig
+    from inference.package import save_package
+    from inference.pixels import Windowing
+    from inference.train import DEMO_LABELS
+
+    torch.manual_seed(0)
+    labels = [replace(lab, threshold=0.01) for lab in DEMO_LABELS]
+    folder = tmp / "untrained"
+    save_package(folder, FusedModel(ModelConfig(num_labels=len(labels))), name="bench-untrained",
+                 version="0.0.1", description="untrained, for timing", labels=labels,
+                 windowing=Windowing(), text_fields=DEFAULT_FIELDS)
+    return folder, ("untrained package of the demo architecture (var/models/demo not installed; "
+                    "thresholds 0.01: every finding present)")
+
+
+def run_study(node: Any, pacs: TimedPACS, files: list[Path], study_uid: str, wait_s: float,
+              name: str) -> StudyRun:
+    last_ack = [0.0]
+
+    def on_sent(_path: Path, _status: int) -> None:
+        last_ack[0] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    results = send_files(Peer(node.ae_title, node.host, node.port), files, "MODALITY",
+                         on_sent=on_sent, timeout_s=120)
+    send_s = time.perf_counter() - t0
+    if any(s != 0 for _, s in results):
+        return StudyRun(name, len(files), None, wait_s, None, None, 0, send_s,
+                        "not every instance was stored")
+
+    def delivered() -> bool:
+        rows = node.query(
+            "SELECT j.status FROM jobs j JOIN studies s ON s.id = j.study_id "
+            "WHERE s.study_instance_uid = ? AND j.kind = 'DELIVER'", (study_uid,))
+        return bool(rows) and all(r[0] == "SUCCEEDED" for r in rows)
+
+    if not wait_until(delivered, STUDY_TIMEOUT_S, 0.05):
+        return StudyRun(name, len(files), None, wait_s, None, None, 0, send_s,
+                        f"results not delivered within {STUDY_TIMEOUT_S:.0f} s")
+    with pacs._lock:
+        acks = [t for t, uid, _ in pacs.acked if uid == study_uid]
+    summary = node.query(
+        "SELECT r.summary FROM results r JOIN studies s ON s.id = r.study_id "
+        "WHERE s.study_instance_uid = ? ORDER BY r.id DESC LIMIT 1", (study_uid,))
+    model_s = float(json.loads(summary[0][0])["seconds"]) if summary else None
+    total = max(acks) - last_ack[0]
+    overhead = total - wait_s - model_s if model_s is not None else None
+    run = StudyRun(name, len(files), total, wait_s, model_s, overhead, len(acks), send_s)
+    print(f"  {name}: total {total:.2f} s, wait {wait_s:.2f} s, model {fmt(model_s, 2)} s, "
+          f"overhead {fmt(overhead, 2)} s, {len(acks)} objects", flush=True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ct-slices", type=int, default=300)
+    parser.add_argument("--stable-after", type=float, default=2.0,
+                        help="assembly.stable_after_s for the run (seconds)")
+    parser.add_argument("--check-interval", type=float, default=0.2,
+                        help="assembly.check_interval_s for the run (seconds)")
+    parser.add_argument("--skip-ct", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    info = machine()
+    runs: list[StudyRun] = []
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp_s:
+        tmp = Path(tmp_s)
+        package, which = model_package(tmp)
+        print(f"model: {which}", flush=True)
+        pacs = TimedPACS(tmp / "pacs", ae_title=PACS_AE)
+        pacs_port = pacs.start()
+        try:
+            with aidnode_serve(
+                    tmp / "node",
+                    rules=[{"name": "bench", "model": str(package), "destinations": ["pacs"],
+                            "match": {"modality": ["CR", "CT"]}}],
+                    destinations=[{"name": "pacs", "ae_title": PACS_AE, "host": "127.0.0.1",
+                                   "port": pacs_port}],
+                    inference={"workers": 1, "device": "cpu", "models_dir": "models"},
+                    assembly={"stable_after_s": args.stable_after,
+                              "check_interval_s": args.check_interval}) as node:
+                # The first study also pays the worker's model load; the second one does not.
+                for label in ("CR, 1 image (first: model load)", "CR, 1 image (warm)"):
+                    cr = cr_image()
+                    cr_files = write_all([cr], tmp / label.split("(")[1][:4])
+                    runs.append(run_study(node, pacs, cr_files, str(cr.StudyInstanceUID),
+                                          args.stable_after, label))
+                if not args.skip_ct:
+                    ct = ct_series(args.ct_slices, rows=512, cols=512)
+                    ct_files = write_all(ct, tmp / "ct")
+                    runs.append(run_study(node, pacs, ct_files, str(ct[0].StudyInstanceUID),
+                                          args.stable_after,
+                                          f"CT, {args.ct_slices} slices 512x512"))
+        finally:
+            pacs.stop()
+    print()
+    print_machine(info)
+    print(f"model: {which}; device: cpu; stand-in PACS in process; sender node.scu.send_files")
+    print()
+    print("| study | total s | stability wait s | model s | overhead s | objects | "
+          "overhead < 1 s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        met = "-" if r.overhead_s is None else ("yes" if r.overhead_s < 1.0 else "NO")
+        print(f"| {r.study} | {fmt(r.total_s, 2)} | {r.wait_s:.2f} | {fmt(r.model_s, 2)} | "
+              f"{fmt(r.overhead_s, 2)} | {r.objects} | {met}{' ' + r.note if r.note else ''} |")
+    if args.json:
+        print(json.dumps({"machine": info, "model": which, "runs": [asdict(r) for r in runs]},
+                         indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Ingest throughput: 300 CT instances (512x512, ~0.5 MB, uncompressed) over one association.
+
+    python bench/ingest.py [--rounds 3] [--instances 300] [--concurrency 8] [--json]
+                           [--receivers dcmtk,orthanc,aidnode,pynetdicom]
+
+dcmtk ``storescu`` (TCP_NODELAY=1 in its environment) sends one folder over one association to,
+in turn: dcmtk ``storescp``, Orthanc (Debian package, throwaway config), ``aidnode serve`` (a
+subprocess with a temp config: durable writes, no rule matches, no workers, no metrics) and
+pynetdicom's own ``storescp`` app. Peers run with TCP_NODELAY=1 in their environment. Each
+receiver is started fresh for its run and stopped after it; the order rotates every round. The
+receiving side is counted (files, Orthanc /statistics, aidnode instance rows): a run where not
+all arrived is reported as incomplete and not timed. Then N concurrent storescu processes (the
+instances split between them) send to aidnode: aggregate images/s against one association.
+aidnode's VmRSS is sampled every 50 ms during each of its runs and read again after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    RSSSampler,
+    aidnode_serve,
+    count_files,
+    fmt,
+    machine,
+    median,
+    print_machine,
+    pynetdicom_storescp,
+    rss_kib,
+    wait_until,
+)
+
+from tests.dicomgen import ct_series, write_all
+from tests.peers import dcmtk_storescp, orthanc, storescu
+
+RECEIVERS = ("dcmtk", "orthanc", "aidnode", "pynetdicom")
+LABELS = {
+    "dcmtk": "dcmtk storescp (TCP_NODELAY=1, no fsync)",
+    "orthanc": "Orthanc (TCP_NODELAY=1, fsync + SQLite)",
+    "aidnode": "aidnode serve (fsync + SQLite FULL)",
+    "pynetdicom": "pynetdicom storescp app",
+    "aidnode-x": "aidnode, {n} associations (aggregate)",
+}
+SEND_TIMEOUT_S = 180.0
+ARRIVE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Run:
+    receiver: str
+    round: int
+    seconds: float | None  # None: not all arrived, not timed
+    arrived: int
+    expected: int
+    sender_rc: list[int]
+    peak_rss_mib: float | None = None
+    after_rss_mib: float | None = None
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.expected / self.seconds if self.seconds else None
+
+
+@dataclass
+class Target:
+    name: str
+    wanted: str
+    measured: str
+    met: bool | None
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    instances: int
+    rounds: int
+    concurrency: int
+    runs: list[Run] = field(default_factory=list)
+    medians: dict[str, float | None] = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+    note: str = ("peers (dcmtk storescu/storescp, Orthanc, pynetdicom storescp) ran with "
+                 "TCP_NODELAY=1 in their environment; aidnode sets TCP_NODELAY itself")
+
+
+# -- receivers: each yields (host, port, called AE, count-what-arrived, pid or None) -------------
+
+Receiver = tuple[str, int, str, Callable[[], int], int | None]
+
+
+@contextmanager
+def run_dcmtk(tmp: Path) -> Iterator[Receiver]:
+    out = tmp / "out"
+    with dcmtk_storescp(out, aet="DCMTK") as peer:
+        yield peer.host, peer.port, peer.aet, lambda: count_files(out), None
+
+
+@contextmanager
+def run_orthanc(tmp: Path) -> Iterator[Receiver]:
+    with orthanc(tmp / "orthanc") as peer:
+        yield (peer.host, peer.dicom_port, peer.aet,
+               lambda: int(peer.rest("/statistics")["CountInstances"]), None)
+
+
+@contextmanager
+def run_aidnode(tmp: Path) -> Iterator[Receiver]:
+    with aidnode_serve(tmp / "aidnode") as node:
+        yield node.host, node.port, node.ae_title, node.instance_count, node.proc.pid
+
+
+@contextmanager
+def run_pynetdicom(tmp: Path) -> Iterator[Receiver]:
+    out = tmp / "out"
+    with pynetdicom_storescp(out) as peer:
+        yield peer.host, peer.port, peer.aet, lambda: count_files(out), None
+
+
+STARTERS: dict[str, Callable[[Path], AbstractContextManager[Receiver]]] = {
+    "dcmtk": run_dcmtk, "orthanc": run_orthanc, "aidnode": run_aidnode,
+    "pynetdicom": run_pynetdicom,
+}
+
+
+def _send(host: str, port: int, aet: str, batches: list[list[Path]]) -> tuple[float, list[int]]:
+    """Send each batch over its own association, all at once; wall time around the storescu runs."""
+    def one(files: list[Path]) -> int:
+        done = storescu(host, port, files, called_aet=aet, timeout=SEND_TIMEOUT_S,
+                        extra_args=["-x="])  # the default proposal; skips the file scan
+        if done.returncode != 0:
+            print(f"  storescu exited {done.returncode}: {done.stderr[-500:]}", file=sys.stderr)
+        return done.returncode
+
+    started = time.perf_counter()
+    if len(batches) == 1:
+        rcs = [one(batches[0])]
+    else:
+        with ThreadPoolExecutor(len(batches)) as pool:
+            rcs = list(pool.map(one, batches))
+    return time.perf_counter() - started, rcs
+
+
+def measure(name: str, rnd: int, files: list[Path], n_assoc: int = 1) -> Run:
+    with (tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp,
+          STARTERS[name](Path(tmp)) as (host, port, aet, count, pid)):
+        batches = [files[i::n_assoc] for i in range(n_assoc)]
+        sampler = RSSSampler(pid) if pid else None
+        if sampler:
+            with sampler:
+                seconds, rcs = _send(host, port, aet, batches)
+        else:
+            seconds, rcs = _send(host, port, aet, batches)
+        complete = wait_until(lambda: count() >= len(files), ARRIVE_TIMEOUT_S, 0.1)
+        arrived = count()
+        after = rss_kib(pid) if pid else None
+    label = name if n_assoc == 1 else "aidnode-x"
+    run = Run(label, rnd, seconds if complete and arrived == len(files) else None, arrived,
+              len(files), rcs,
+              peak_rss_mib=round(sampler.peak_kib / 1024, 1) if sampler else None,
+              after_rss_mib=round(after / 1024, 1) if after else None)
+    state = (f"{run.images_per_s:.1f} images/s ({seconds:.2f} s)" if run.seconds
+             else f"INCOMPLETE: {arrived}/{len(files)} arrived, not timed")
+    rss = f", peak RSS {run.peak_rss_mib} MiB" if run.peak_rss_mib else ""
+    print(f"  round {rnd} {label:<10} x{n_assoc}: {state}{rss}", flush=True)
+    return run
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def summarise(report: Report) -> None:
+    for name in (*RECEIVERS, "aidnode-x"):
+        rates = [r.images_per_s for r in report.runs if r.receiver == name and r.images_per_s]
+        report.medians[name] = median([x for x in rates if x is not None])
+    m = report.medians
+    vs_orthanc = _ratio(m.get("aidnode"), m.get("orthanc"))
+    vs_pynet = _ratio(m.get("aidnode"), m.get("pynetdicom"))
+    scale = _ratio(m.get("aidnode-x"), m.get("aidnode"))
+    peaks = [r.peak_rss_mib for r in report.runs if r.peak_rss_mib]
+    report.targets = [
+        Target("aidnode / Orthanc, one association", ">= 1.2", fmt(vs_orthanc, 2),
+               None if vs_orthanc is None else vs_orthanc >= 1.2),
+        Target("aidnode / pynetdicom storescp, one association", ">= 1.0", fmt(vs_pynet, 2),
+               None if vs_pynet is None else vs_pynet >= 1.0),
+        Target(f"aidnode {report.concurrency} associations / one (aggregate)", ">= 1.5",
+               fmt(scale, 2), None if scale is None else scale >= 1.5),
+        Target("aidnode peak RSS over the ingest (MiB)", "reported",
+               fmt(max(peaks) if peaks else None), None),
+    ]
+
+
+def print_report(report: Report) -> None:
+    print()
+    print_machine(report.machine)
+    print(f"{report.instances} CT instances 512x512 (uncompressed), dcmtk storescu sender; "
+          f"median of {report.rounds} round(s). {report.note}.")
+    print()
+    print("| receiver | images/s (median) | runs timed | incomplete runs | peak RSS MiB |")
+    print("|---|---|---|---|---|")
+    for name in (*RECEIVERS, "aidnode-x"):
+        runs = [r for r in report.runs if r.receiver == name]
+        if not runs:
+            continue
+        peaks = [r.peak_rss_mib for r in runs if r.peak_rss_mib]
+        label = LABELS[name].format(n=report.concurrency)
+        print(f"| {label} | {fmt(report.medians.get(name))} | "
+              f"{sum(1 for r in runs if r.seconds)} | {sum(1 for r in runs if not r.seconds)} | "
+              f"{fmt(max(peaks)) if peaks else '-'} |")
+    print()
+    print("| target | wanted | measured | met |")
+    print("|---|---|---|---|")
+    for t in report.targets:
+        met = "n/a" if t.met is None else ("yes" if t.met else "NO")
+        print(f"| {t.name} | {t.wanted} | {t.measured} | {met} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="associations for the aggregate run against aidnode (0: skip)")
+    parser.add_argument("--receivers", default=",".join(RECEIVERS))
+    parser.add_argument("--json", action="store_true", help="print the report as JSON at the end")
+    args = parser.parse_args(argv)
+    receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
+    unknown = set(receivers) - set(RECEIVERS)
+    if unknown or args.rounds < 1 or args.instances < 1:
+        parser.error(f"unknown receivers {sorted(unknown)}" if unknown
+                     else "--rounds and --instances must be positive")
+    report = Report(machine(), args.instances, args.rounds, args.concurrency)
+    with tempfile.TemporaryDirectory(prefix="bench-series-") as series_dir:
+        print(f"writing {args.instances} CT instances 512x512 ...", flush=True)
+        files = write_all(ct_series(args.instances, rows=512, cols=512), series_dir)
+        size = sum(f.stat().st_size for f in files) / len(files)
+        print(f"  {size / 1024:.0f} KiB each", flush=True)
+        for rnd in range(1, args.rounds + 1):
+            shift = (rnd - 1) % len(receivers)
+            for name in receivers[shift:] + receivers[:shift]:  # alternate the order
+                report.runs.append(measure(name, rnd, files))
+            if args.concurrency > 1 and "aidnode" in receivers:
+                report.runs.append(measure("aidnode", rnd, files, args.concurrency))
+    summarise(report)
+    print_report(report)
+    if args.json:
+        data = asdict(report)
+        for run, raw in zip(report.runs, data["runs"], strict=True):
+            raw["images_per_s"] = run.images_per_s
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
