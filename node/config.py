@@ -116,7 +116,7 @@ class RuleConfig(_Section):
     model: str = "demo"
     destinations: list[str] = Field(default_factory=list)
     mode: Literal["active", "shadow"] = "active"
-    match: RuleMatch = Field(default_factory=RuleMatch)
+    match: RuleMatch = RuleMatch()  # frozen: sharing the default is safe
 
 
 class TLSConfig(_Section):
@@ -172,17 +172,17 @@ class LoggingConfig(_Section):
 
 
 class Config(_Section):
-    node: NodeConfig = Field(default_factory=NodeConfig)
+    node: NodeConfig = NodeConfig()  # frozen: sharing the default is safe
     peers: list[PeerConfig] = Field(default_factory=list)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
-    assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
+    storage: StorageConfig = StorageConfig()  # frozen: sharing the default is safe
+    database: DatabaseConfig = DatabaseConfig()  # frozen: sharing the default is safe
+    assembly: AssemblyConfig = AssemblyConfig()  # frozen: sharing the default is safe
     rules: list[RuleConfig] = Field(default_factory=list)
     destinations: list[DestinationConfig] = Field(default_factory=list)
-    inference: InferenceConfig = Field(default_factory=InferenceConfig)
-    results: ResultsConfig = Field(default_factory=ResultsConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    inference: InferenceConfig = InferenceConfig()  # frozen: sharing the default is safe
+    results: ResultsConfig = ResultsConfig()  # frozen: sharing the default is safe
+    metrics: MetricsConfig = MetricsConfig()  # frozen: sharing the default is safe
+    logging: LoggingConfig = LoggingConfig()  # frozen: sharing the default is safe
     source: Path | None = None  # the file this was read from
 
     def destination(self, name: str) -> DestinationConfig:

@@ -128,8 +128,9 @@ def on_conn_open(event: evt.Event) -> None:
 def on_requested(event: evt.Event, rx: Receiver) -> None:
     """A-ASSOCIATE-RQ received: apply the allow-list (AE title, optionally bound to a host)."""
     assoc = event.assoc
-    calling = assoc.requestor.primitive.calling_ae_title.strip()
-    called = assoc.requestor.primitive.called_ae_title.strip()
+    rq = assoc.requestor.primitive
+    assert rq is not None  # EVT_REQUESTED fires after the A-ASSOCIATE-RQ arrived
+    calling, called = rq.calling_ae_title.strip(), rq.called_ae_title.strip()
     host = assoc.requestor.address
     reject = None
     if called != rx.config.node.ae_title:
@@ -291,7 +292,8 @@ def build_ae(cfg: Config) -> AE:
     ae.maximum_pdu_size = cfg.node.max_pdu
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -312,6 +314,7 @@ def start(rx: Receiver, host: str | None = None, port: int | None = None) -> Any
     ae = build_ae(rx.config)
     address = (host or rx.config.node.host, rx.config.node.port if port is None else port)
     server = ae.start_server(address, block=False, evt_handlers=handlers(rx))
+    assert server is not None  # block=False returns the server
     log.info("listening on %s:%d as %s", *server.server_address[:2], rx.config.node.ae_title)
     return server
 

@@ -58,7 +58,7 @@ def associate(peer: Peer, calling_ae: str, contexts: Iterable[tuple[str, list[st
     ae.connection_timeout = timeout_s
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
-    tls = (peer.tls, None) if peer.tls else None
+    tls = (peer.tls, peer.host) if peer.tls else None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls,
                          evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     if not assoc.is_established:

@@ -38,7 +38,8 @@ class StandInPACS:
         ae = AE(self.ae_title)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self._server = ae.start_server((host, port), block=False, evt_handlers=[
             (evt.EVT_CONN_OPEN, lambda e: set_nodelay(getattr(e.assoc.dul.socket, "socket",
                                                               None))),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,9 +69,8 @@ class Analyzer:
         """The loaded model for ``ref`` (loaded once, kept for later jobs)."""
         key = f"{ref.directory}:{ref.version}"
         if key not in self._predictors:
-            from inference.predict import Predictor
-
             from inference.package import load_package
+            from inference.predict import Predictor
 
             pkg = load_package(ref.directory)
             self._predictors[key] = Predictor(pkg, device=self.config.inference.device,
@@ -170,7 +170,7 @@ class Analyzer:
                 self.store.remove(f.path)
             raise
 
-    def _build(self, study: Study, datasets: list[Dataset], p: Prediction,
+    def _build(self, study: Study, datasets: Sequence[Dataset], p: Prediction,
                previous: Result | None, predictor: Any) -> list[Built]:
         from inference.pixels import display_uint8
         from inference.sc import build_heatmap_sc

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from storage import clock
 from storage.db import Database
@@ -54,8 +54,7 @@ def purge(db: Database, store: FileStore, older_than_days: float,
                 continue
             s.execute(delete(Instance).where(Instance.study_id == study_id))
             s.execute(delete(Series).where(Series.study_id == study_id))
-            s.execute(Result.__table__.update().where(Result.study_id == study_id)
-                      .values(superseded_by=None))
+            s.execute(update(Result).where(Result.study_id == study_id).values(superseded_by=None))
             s.execute(delete(ResultObject).where(ResultObject.result_id.in_(result_ids)))
             s.execute(delete(Result).where(Result.study_id == study_id))
             s.execute(delete(Study).where(Study.id == study_id))

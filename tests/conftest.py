@@ -182,13 +182,13 @@ def untrained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     is "present" and the whole SR + SC chain runs, without minutes of training."""
     from dataclasses import replace
 
+    import torch
+
     from inference.context import DEFAULT_FIELDS
     from inference.model import FusedModel, ModelConfig
     from inference.package import save_package
     from inference.pixels import Windowing
     from inference.train import DEMO_LABELS
-
-    import torch
 
     torch.manual_seed(0)
     labels = [replace(lab, threshold=0.01) for lab in DEMO_LABELS]
