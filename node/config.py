@@ -149,7 +149,7 @@ class InferenceConfig(_Section):
     workers: int = Field(1, ge=0, le=64)
     lease_s: float = Field(300, gt=0)
     heatmap_when_negative: Literal["none", "top"] = "none"
-    demo_steps: int = Field(1200, ge=1)
+    demo_steps: int = Field(700, ge=1)  # inference.train.DEMO_STEPS
 
 
 class ResultsConfig(_Section):
