@@ -127,8 +127,12 @@ def test_delivery_retries_through_refusal_and_outage(node_service: Callable[...,
     assert len(delays) >= 3 and delays[2] > delays[0]
     # A PACS that refuses associations: more failed attempts, nothing recorded as sent.
     seen = attempts()
-    with _refusing(tmp_path, port):
+    with _failing_storescp(tmp_path, port, "--refuse"):
         wait_for(lambda: attempts() >= seen + 2, 60, what="attempts against a refusing PACS")
+    # A PACS that aborts after receiving a C-STORE-RQ, before answering: not acknowledged.
+    seen = attempts()
+    with _failing_storescp(tmp_path, port, "--abort-after"):
+        wait_for(lambda: attempts() >= seen + 2, 60, what="attempts against an aborting PACS")
     assert count(node, Delivery) == 0
     # The PACS is back: everything arrives, once.
     pacs = StandInPACS(tmp_path / "pacs", ae_title="PACS")
@@ -144,17 +148,17 @@ def test_delivery_retries_through_refusal_and_outage(node_service: Callable[...,
         pacs.stop()
 
 
-def _refusing(tmp_path: Path, port: int) -> Any:
-    """dcmtk storescp --refuse on ``port`` (for a tests.peers helper without a port argument)."""
+def _failing_storescp(tmp_path: Path, port: int, mode: str) -> Any:
+    """dcmtk storescp with ``--refuse`` or ``--abort-after`` on a fixed ``port``."""
     from contextlib import contextmanager
 
     from tests.peers import dcmtk_binary, wait_for_port
 
     @contextmanager
     def run() -> Any:
-        (tmp_path / "refusing").mkdir(exist_ok=True)
-        proc = subprocess.Popen([dcmtk_binary("storescp"), "--refuse", "-aet", "PACS",
-                                 str(port)], cwd=tmp_path / "refusing",
+        (tmp_path / "failing").mkdir(exist_ok=True)
+        proc = subprocess.Popen([dcmtk_binary("storescp"), mode, "-aet", "PACS", str(port)],
+                                cwd=tmp_path / "failing",
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for_port("127.0.0.1", port, proc=proc)
