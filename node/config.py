@@ -275,6 +275,14 @@ def _resolve(cfg: Config, base: Path) -> Config:
         value = getattr(sec, key)
         if not value.is_absolute():
             updates[section] = sec.model_copy(update={key: (base / value).resolve()})
+    dests = []
+    for d in cfg.destinations:
+        if d.tls is not None:
+            paths = {k: (base / v).resolve() for k in ("cert", "key", "ca")
+                     if (v := getattr(d.tls, k)) is not None and not v.is_absolute()}
+            d = d.model_copy(update={"tls": d.tls.model_copy(update=paths)})
+        dests.append(d)
+    updates["destinations"] = dests
     url = cfg.database.url
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
         path = (base / url[len("sqlite:///"):]).resolve()

@@ -10,6 +10,7 @@ breaker stops claiming work for a destination after repeated failures, for a coo
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.config import Config, DestinationConfig
+from node.config import Config, DestinationConfig, TLSConfig
 from node.errors import AssociationError, SendError
 from node.metrics import Metrics
 from node.scu import Peer, send_files
@@ -29,6 +30,25 @@ from storage.files import FileStore
 from storage.models import Delivery, Job, JobKind, JobStatus, ResultObject, Study, StudyState
 
 log = logging.getLogger(__name__)
+
+
+def client_tls(tls: TLSConfig | None) -> ssl.SSLContext | None:
+    """A client TLS context (TLS 1.2 or later) for a destination, or None for plain DICOM.
+
+    ``ca`` verifies the PACS's certificate (the system store when absent); ``cert``/``key`` are
+    our client certificate for mutual TLS.
+    """
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                     cafile=str(tls.ca) if tls.ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not tls.verify_peer:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if tls.cert:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+    return ctx
 
 
 @dataclass
@@ -73,7 +93,7 @@ class Sender:
     def peer_for(self, dest: DestinationConfig, study: Study) -> Peer:
         """Where to send: the destination, or with ``reply_to_sender`` the study's sender."""
         if not dest.reply_to_sender:
-            return Peer(dest.ae_title, dest.host, dest.port)
+            return Peer(dest.ae_title, dest.host, dest.port, tls=client_tls(dest.tls))
         if not study.calling_ae or not study.calling_host:
             raise SendError("reply_to_sender: the study's sender is unknown", retryable=False)
         port = next((p.port for p in self.config.peers

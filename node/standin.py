@@ -5,6 +5,7 @@ Not a PACS: it keeps files in a folder and answers Success, nothing more.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,9 @@ class StandInPACS:
             self.received.append(path)
         return 0x0000
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Listen (port 0: any free port); returns the port."""
+    def start(self, host: str = "127.0.0.1", port: int = 0,
+              ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen (port 0: any free port), with TLS when given a context; returns the port."""
         configure_pynetdicom()
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(self.ae_title)
@@ -40,7 +42,8 @@ class StandInPACS:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self._server = ae.start_server((host, port), block=False, evt_handlers=[
+        self._server = ae.start_server((host, port), block=False, ssl_context=ssl_context,
+                                       evt_handlers=[
             (evt.EVT_CONN_OPEN, lambda e: set_nodelay(getattr(e.assoc.dul.socket, "socket",
                                                               None))),
             (evt.EVT_C_STORE, self._store)])
