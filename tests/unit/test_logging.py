@@ -1,0 +1,23 @@
+"""Log lines: untrusted text is made safe, and the JSON format is one parseable object a line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from node.logging import JsonFormatter, clean
+
+
+def test_clean_removes_control_characters_and_cr_lf() -> None:
+    assert clean("EVIL\r\nINFO fake line\x00\x1b[31m") == "EVIL??INFO fake line??[31m"
+    assert len(clean("x" * 500, limit=50)) == 50
+
+
+def test_json_formatter_writes_one_object_per_record() -> None:
+    record = logging.LogRecord("node.scp", logging.WARNING, __file__, 1,
+                               "C-STORE from %s refused", (clean("A\nB"),), None)
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    data = json.loads(line)
+    assert data["level"] == "WARNING" and data["logger"] == "node.scp"
+    assert data["msg"] == "C-STORE from A?B refused"
