@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -179,6 +180,7 @@ def demo(ctx: typer.Context,
     base_cfg = state(ctx).config
     work = workdir or Path(tempfile.mkdtemp(prefix="aidnode-demo-"))
     work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "node", ignore_errors=True)  # a re-run starts from an empty node
     if not (models.model_dir(base_cfg, models.DEMO) / "model.json").exists():
         from inference.train import build_demo_package
 

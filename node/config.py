@@ -149,6 +149,13 @@ class InferenceConfig(_Section):
     workers: int = Field(1, ge=0, le=64)
     lease_s: float = Field(300, gt=0)
     heatmap_when_negative: Literal["none", "top"] = "none"
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
     demo_steps: int = Field(700, ge=1)  # inference.train.DEMO_STEPS
 
 
@@ -203,7 +210,7 @@ def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         target = data.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError([f"{name}: section [{section}] is a list and cannot be overridden"])
-        if value[:1] in "[{":  # a list or table, written as TOML
+        if value.startswith(("[", "{")):  # a list or table, written as TOML
             try:
                 target[key] = tomllib.loads(f"v = {value}")["v"]
             except tomllib.TOMLDecodeError:

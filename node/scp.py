@@ -259,7 +259,10 @@ def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
                 outcome, unused = catalog.record_instance(s, meta, stored, replace=replace)
         stored_path = None  # committed: the file belongs to the database now
         if unused:
-            rx.store.remove(unused)
+            try:
+                rx.store.remove(unused)
+            except OSError:  # the instance is stored; an unreferenced file is swept at start
+                log.warning("could not remove unreferenced file %s", unused)
     except Exception as exc:
         if stored_path is not None:
             rx.store.remove(stored_path)

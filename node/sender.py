@@ -98,7 +98,7 @@ class Sender:
             raise SendError("reply_to_sender: the study's sender is unknown", retryable=False)
         port = next((p.port for p in self.config.peers
                      if p.ae_title == study.calling_ae and p.port), dest.port)
-        return Peer(study.calling_ae, study.calling_host, port)
+        return Peer(study.calling_ae, study.calling_host, port, tls=client_tls(dest.tls))
 
     def run_once(self) -> bool:
         """Claim and run one DELIVER job; False when none was due."""
@@ -121,6 +121,10 @@ class Sender:
                 self.breaker(dest).record(False, time.monotonic())
                 outcome = self._fail(job, dest, str(exc),
                                      retryable=getattr(exc, "retryable", True))
+            except Exception as exc:
+                log.exception("DELIVER job %d: unexpected error", job.id)
+                outcome = self._fail(job, dest, f"{type(exc).__name__}: {exc}",
+                                     retryable=bool(getattr(exc, "retryable", True)))
         log.info("DELIVER job %d to %s %s in %.2fs", job.id, job.destination, outcome,
                  time.monotonic() - started)
         return True
@@ -136,6 +140,11 @@ class Sender:
                                    policy=policy)
         except JobStateError as exc:
             return f"lost its lease ({exc})"
+        if status == JobStatus.FAILED and job.study_id is not None:
+            with self.db.write() as s:
+                study = s.get(Study, job.study_id)
+                if study is not None:
+                    study.state = StudyState.FAILED
         self.metrics.jobs.labels("DELIVER", status.value.lower()).inc()
         return f"{'will retry' if status == JobStatus.QUEUED else 'dead-lettered'}: {error}"
 
@@ -155,6 +164,9 @@ class Sender:
             by_path = {self.store.path(o.path): o for o in objects}
 
             def record(path: Path, status: int) -> None:
+                with self.db.write() as s:  # renew the lease: long sends are not re-queued
+                    if not jobs.heartbeat(s, job.id, job.token):
+                        raise JobStateError(f"job {job.id}: lease lost during the send")
                 if is_success(status) or is_warning(status):
                     with self.db.write() as s:
                         s.add(Delivery(object_id=by_path[path].id, job_id=job.id,

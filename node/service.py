@@ -28,12 +28,13 @@ from node.metrics import Metrics
 from node.scp import Receiver, start
 from node.sender import Sender
 from node.worker import Analyzer
-from storage import clock, jobs
+from storage import clock, jobs, retention
 from storage.db import Database
 from storage.files import FileStore
 from storage.models import Job, JobKind, JobStatus
 
 log = logging.getLogger(__name__)
+PURGE_INTERVAL_S = 3600.0  # retention runs at start-up and then hourly
 
 
 def sd_notify(message: str) -> bool:
@@ -80,6 +81,7 @@ class Service:
     threads: list[threading.Thread] = field(default_factory=list)
     server: Any = None
     metrics_port: int | None = None
+    _next_purge: float = 0.0
 
     def recover(self) -> None:
         """Start-up recovery: schema, partial files, orphans, stale leases."""
@@ -126,6 +128,12 @@ class Service:
         with self.db.write() as s:
             jobs.requeue_stale(s, self.config.inference.lease_s)
         self.update_gauges()
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + PURGE_INTERVAL_S
+            rep = retention.purge(self.db, self.store, self.config.storage.retention_days)
+            if rep.studies:
+                log.info("retention: purged %d studies (%d files) older than %d days",
+                         rep.studies, rep.files, self.config.storage.retention_days)
         return False
 
     def update_gauges(self) -> None:

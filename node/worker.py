@@ -23,6 +23,7 @@ from sqlalchemy import select
 from inference.errors import InferenceError
 from inference.prediction import Finding, Prediction
 from node import models
+from node.assembly import input_hash
 from node.config import Config
 from node.metrics import Metrics
 from storage import clock, jobs
@@ -164,7 +165,7 @@ class Analyzer:
                 self.store.remove(f.path)
             raise JobStateError("lease lost during analysis; results discarded")
         try:
-            return self._publish(job, study, prediction, previous, written)
+            return self._publish(job, study, prediction, previous, written, instances)
         except BaseException:
             for _, f in written:
                 self.store.remove(f.path)
@@ -209,14 +210,17 @@ class Analyzer:
         return out
 
     def _publish(self, job: jobs.Claimed, study: Study, p: Prediction, previous: Result | None,
-                 written: list[tuple[Built, Any]]) -> str:
+                 written: list[tuple[Built, Any]], instances: list[Instance]) -> str:
+        """Record the result keyed by the instances actually analysed (the study may have grown
+        since the job was queued), supersede the previous one, succeed, queue deliveries."""
         rule = next((r for r in self.config.rules if r.name == job.payload.get("rule")), None)
         shadow = rule is not None and rule.mode == "shadow"
         destinations = [] if shadow or rule is None else list(rule.destinations)
         with self.db.write() as s:
             result = Result(study_id=study.id, job_id=job.id, rule=job.payload.get("rule"),
                             model_name=p.model_name, model_version=p.model_version,
-                            input_hash=job.payload.get("input_hash", ""), summary=p.summary(),
+                            input_hash=input_hash([i.sop_instance_uid for i in instances]),
+                            summary=p.summary(),
                             shadow=shadow, created_at=clock.now())
             s.add(result)
             s.flush()

@@ -75,9 +75,12 @@ class FileStore:
                     size += len(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
+            new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
             _fsync_dir(final.parent)
+            for d in new_dirs:  # a new shard folder's own entry must be durable too
+                _fsync_dir(d.parent)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             final.unlink(missing_ok=True)  # a rename that happened before a failed dir fsync

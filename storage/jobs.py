@@ -8,7 +8,7 @@ enqueue its DELIVER jobs. A refused transition raises ``JobStateError``.
     QUEUED --claim--> RUNNING --succeed--> SUCCEEDED
     RUNNING --fail(retryable, attempts left)--> QUEUED (run_after = now + backoff)
     RUNNING --fail(otherwise)--> FAILED (the dead-letter list)
-    RUNNING --requeue_stale (heartbeat too old)--> QUEUED
+    RUNNING --requeue_stale (heartbeat too old)--> QUEUED (FAILED when no attempts remain)
     QUEUED | RUNNING --cancel--> CANCELLED
     FAILED | CANCELLED --retry (admin)--> QUEUED
 """
@@ -198,9 +198,13 @@ def requeue_stale(s: Session, older_than_s: float) -> list[int]:
     Their old lease tokens are cleared, so a stale worker's late ``succeed`` is refused.
     """
     cutoff = clock.now() - timedelta(seconds=older_than_s)
-    ids = list(s.execute(select(Job.id).where(Job.status == R, Job.heartbeat_at < cutoff))
-               .scalars())
-    for job_id in ids:
-        _transition(s, job_id, R, Q, message="lease expired; requeued", lease_token=None,
-                    run_after=clock.now())
-    return ids
+    rows = list(s.execute(select(Job.id, Job.attempts, Job.max_attempts).where(
+        Job.status == R, Job.heartbeat_at < cutoff)))
+    for job_id, attempts, max_attempts in rows:
+        if attempts >= max_attempts:  # it keeps dying mid-run: dead-letter it
+            _transition(s, job_id, R, F, message="lease expired on the last attempt; failed",
+                        lease_token=None, last_error="worker stopped during every attempt")
+        else:
+            _transition(s, job_id, R, Q, message="lease expired; requeued", lease_token=None,
+                        run_after=clock.now())
+    return [r[0] for r in rows]

@@ -34,8 +34,12 @@ def candidates(db: Database, older_than_days: float) -> list[int]:
 def purge(db: Database, store: FileStore, older_than_days: float,
           dry_run: bool = False) -> PurgeReport:
     studies = files = busy = 0
+    cutoff = clock.now() - timedelta(days=older_than_days)
     for study_id in candidates(db, older_than_days):
         with db.write() as s:
+            study = s.get(Study, study_id)
+            if study is None or study.last_received_at >= cutoff:
+                continue  # an instance arrived since the candidates were read
             live = s.execute(select(Job.id).where(
                 Job.study_id == study_id,
                 Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))).first()

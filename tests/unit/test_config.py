@@ -246,3 +246,15 @@ def test_a_problem_in_the_second_array_entry_points_at_its_line(tmp_path: Path) 
                            '[[destinations]]\nname = "b"\nport = 0\n')
     expected = "destinations.1.port (line 7): Input should be greater than or equal to 1"
     assert problems(path) == [expected]
+
+
+def test_a_bad_inference_device_is_refused_at_start_up(tmp_path: Path) -> None:
+    path = write(tmp_path, '[inference]\ndevice = "gpu0"\n')
+    with pytest.raises(ConfigError, match=r"inference.device \(line 2\): .*auto, cpu, cuda"):
+        load_config(path, environ={})
+
+
+def test_an_empty_env_override_is_a_plain_empty_value(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    cfg = load_config(path, environ={"AIDNODE_RESULTS__INSTITUTION_NAME": ""})
+    assert cfg.results.institution_name == ""

@@ -613,3 +613,20 @@ def test_claim_and_fail_in_one_transaction_count_the_attempt(
         c = jobs.claim(s, ANALYZE, "w1")
         assert c is not None and c.attempts == 1
         assert jobs.fail(s, c.id, c.token, "x", retryable=True) is F
+
+
+def test_requeue_stale_dead_letters_a_job_out_of_attempts(db, frozen_clock) -> None:  # type: ignore[no-untyped-def]
+    """A job whose worker dies during every attempt is not retried forever."""
+    from storage import jobs as J
+    from storage.models import Job, JobKind, JobStatus
+
+    with db.write() as s:
+        job_id = J.enqueue(s, JobKind.ANALYZE, max_attempts=1).id
+    with db.write() as s:
+        J.claim(s, JobKind.ANALYZE, "w")
+    frozen_clock.advance(1000)
+    with db.write() as s:
+        assert J.requeue_stale(s, older_than_s=10) == [job_id]
+    with db.read() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.FAILED and job.lease_token is None
