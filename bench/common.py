@@ -29,12 +29,12 @@ if str(ROOT) not in sys.path:
 from tests.conftest import node_config_text
 from tests.peers import (
     LOOPBACK,
+    _stop,
     free_port,
     wait_for_port,
 )
 
 NODE_AE = "AIDNODE"
-STOP_TIMEOUT_S = 15.0
 
 
 def machine() -> dict[str, Any]:
@@ -75,17 +75,6 @@ def median(values: Sequence[float]) -> float | None:
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, wait, SIGKILL if it ignores it; always reaped."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT_S)
 
 
 # -- RSS ---------------------------------------------------------------------------------------
@@ -196,7 +185,7 @@ def aidnode_serve(folder: Path, *, rules: list[dict[str, object]] | None = None,
             raise RuntimeError(f"aidnode serve did not start: {exc}\n{node.log()[-3000:]}") from exc
         yield node
     finally:
-        stop_process(proc)
+        _stop(proc)
 
 
 # -- pynetdicom's own storescp app -------------------------------------------------------------
@@ -225,7 +214,7 @@ def pynetdicom_storescp(out_dir: Path, *, aet: str = "PYSTORESCP") -> Iterator[S
             wait_for_port(LOOPBACK, port, timeout=60, proc=proc)
             yield SimplePeer(aet, LOOPBACK, port, proc)
         finally:
-            stop_process(proc)
+            _stop(proc)
 
 
 def count_files(folder: Path) -> int:
