@@ -18,6 +18,8 @@ from node import models
 from node.cli import JsonOpt, app, emit, err, make_table, out, state
 from node.errors import NodeError
 
+DEMO_NODE_DIR = "aidnode-demo-node"  # under --workdir; removed and rebuilt by each demo run
+
 model_app = typer.Typer(no_args_is_help=True,
                         help="Model packages.\n\nExample: aidnode model list")
 app.add_typer(model_app, name="model")
@@ -180,7 +182,8 @@ def demo(ctx: typer.Context,
     base_cfg = state(ctx).config
     work = workdir or Path(tempfile.mkdtemp(prefix="aidnode-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work / "node", ignore_errors=True)  # a re-run starts from an empty node
+    # The demo's own node lives in a folder only it uses; a re-run starts from an empty one.
+    shutil.rmtree(work / DEMO_NODE_DIR, ignore_errors=True)
     if not (models.model_dir(base_cfg, models.DEMO) / "model.json").exists():
         from inference.train import build_demo_package
 
@@ -202,10 +205,10 @@ port = {node_port}
 ae_title = "*"
 host = "127.0.0.1"
 [storage]
-root = "node/store"
+root = "{DEMO_NODE_DIR}/store"
 min_free_mb = 64
 [database]
-url = "sqlite:///node/aidnode.db"
+url = "sqlite:///{DEMO_NODE_DIR}/aidnode.db"
 [assembly]
 stable_after_s = 1
 check_interval_s = 0.2

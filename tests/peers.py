@@ -403,15 +403,7 @@ def storescu(
     if not any(arg.startswith("-x") for arg in extra_args):
         cmd += _proposal_for(paths)
     cmd += [*extra_args, host, str(port), *paths]
-    return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_peer_env(),
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    return _run_tool(cmd, timeout)
 
 
 def echoscu(
@@ -425,15 +417,13 @@ def echoscu(
 ) -> subprocess.CompletedProcess[str]:
     """Send one C-ECHO with dcmtk ``echoscu``; exit status 0 means the peer answered Success."""
     cmd = [dcmtk_binary("echoscu"), "-aet", aet, "-aec", called_aet, *extra_args, host, str(port)]
-    return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_peer_env(),
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    return _run_tool(cmd, timeout)
+
+
+def _run_tool(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk client with TCP_NODELAY=1, no stdin, output captured as text."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=_peer_env(), stdin=subprocess.DEVNULL, check=False)
 
 
 def wait_for(
