@@ -120,7 +120,7 @@ def run_once(db: Database, cfg: Config) -> list[Decision]:
     decisions = []
     for study_id, last in seen:
         with db.write() as s:
-            study = s.get(Study, study_id)
+            study = s.get(Study, study_id, with_for_update=True)  # vs. a receiver
             if (study is None or study.state != StudyState.RECEIVING
                     or study.last_received_at != last):
                 continue  # purged, decided, or an instance arrived since the read

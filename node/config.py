@@ -71,8 +71,10 @@ class DatabaseConfig(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str) -> str:
-        if not v.startswith(("sqlite://", "postgresql")):
-            raise ValueError("must start with sqlite:// or postgresql")
+        if v.startswith("postgresql://"):  # the driver aidnode ships with is psycopg 3
+            return "postgresql+psycopg://" + v[len("postgresql://"):]
+        if not v.startswith(("sqlite:///", "postgresql+psycopg://")):
+            raise ValueError("must start with sqlite:/// or postgresql+psycopg://")
         return v
 
 

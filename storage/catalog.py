@@ -2,14 +2,21 @@
 
 ``record_instance`` runs inside the caller's write transaction, after the file is durable. A study
 that receives a new instance goes back to RECEIVING (it grew), so the assembler looks at it again.
+
+Several receivers may share one PostgreSQL database: a study or series row is created with
+``INSERT ... ON CONFLICT DO NOTHING`` and then locked ``FOR UPDATE`` before its counters change,
+so two associations adding to the same study serialise on that row instead of losing an update
+or failing on the unique key. (On SQLite the writer's BEGIN IMMEDIATE already serialises them.)
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage import clock
@@ -50,15 +57,27 @@ def find_instance(s: Session, sop_instance_uid: str) -> Instance | None:
                      ).scalar_one_or_none()
 
 
+def _insert_ignore(s: Session, model: Any, key: str, values: dict[str, Any]) -> None:
+    """INSERT unless a row with the same unique ``key`` exists (it may be another receiver's)."""
+    dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
+    s.execute(dialect.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+
+
+def _locked(s: Session, model: Any, column: Any, value: str) -> Any:
+    return s.execute(select(model).where(column == value).with_for_update()
+                     .execution_options(populate_existing=True)).scalar_one_or_none()
+
+
 def _study(s: Session, m: InstanceMeta) -> Study:
-    study = s.execute(select(Study).where(Study.study_instance_uid == m.study_uid)
-                      ).scalar_one_or_none()
     now = clock.now()
+    study = _locked(s, Study, Study.study_instance_uid, m.study_uid)
     if study is None:
-        study = Study(study_instance_uid=m.study_uid, study_description=m.study_description,
-                      state=StudyState.RECEIVING, instance_count=0, first_received_at=now,
-                      last_received_at=now)
-        s.add(study)
+        _insert_ignore(s, Study, "study_instance_uid", {
+            "study_instance_uid": m.study_uid, "study_description": m.study_description,
+            "state": StudyState.RECEIVING, "instance_count": 0, "first_received_at": now,
+            "last_received_at": now})
+        study = _locked(s, Study, Study.study_instance_uid, m.study_uid)
+    assert study is not None
     study.calling_ae, study.called_ae, study.calling_host = m.calling_ae, m.called_ae, \
         m.calling_host
     study.last_received_at = now
@@ -69,14 +88,14 @@ def _study(s: Session, m: InstanceMeta) -> Study:
 
 
 def _series(s: Session, study: Study, m: InstanceMeta) -> Series:
-    series = s.execute(select(Series).where(Series.series_instance_uid == m.series_uid)
-                       ).scalar_one_or_none()
+    series = _locked(s, Series, Series.series_instance_uid, m.series_uid)
     if series is None:
-        series = Series(study_id=study.id, series_instance_uid=m.series_uid, modality=m.modality,
-                        body_part=m.body_part, series_description=m.series_description,
-                        sop_class_uid=m.sop_class_uid, image_type=m.image_type,
-                        instance_count=0)
-        s.add(series)
+        _insert_ignore(s, Series, "series_instance_uid", {
+            "study_id": study.id, "series_instance_uid": m.series_uid, "modality": m.modality,
+            "body_part": m.body_part, "series_description": m.series_description,
+            "sop_class_uid": m.sop_class_uid, "image_type": m.image_type, "instance_count": 0})
+        series = _locked(s, Series, Series.series_instance_uid, m.series_uid)
+    assert series is not None
     series.instance_count = (series.instance_count or 0) + 1
     s.flush()
     return series

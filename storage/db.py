@@ -2,7 +2,12 @@
 
 SQLite (the default) runs in WAL mode with ``synchronous=FULL``, foreign keys on and a busy
 timeout; writers open their transaction with ``BEGIN IMMEDIATE`` so two writers never deadlock on
-a lock upgrade (the SQLAlchemy pysqlite recipe). PostgreSQL is used as it is.
+a lock upgrade (the SQLAlchemy pysqlite recipe).
+
+PostgreSQL (``postgresql+psycopg://user@host/db``) is used as it is, at READ COMMITTED: the code
+that needs more locks rows itself (``FOR UPDATE`` on a study being recorded or decided, ``FOR
+UPDATE SKIP LOCKED`` when claiming a job, an advisory lock around de-duplicated enqueues), so many
+receivers, workers and senders on several machines can share one database.
 """
 
 from __future__ import annotations
@@ -41,16 +46,19 @@ class Database:
     def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {"future": True}
+        self.is_postgresql = url.startswith("postgresql")
+        kwargs: dict[str, Any] = {"future": True, "pool_size": 20, "max_overflow": 20}
         if self.is_sqlite:
             if ":memory:" not in url:
                 Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False,
                                       "timeout": busy_timeout_ms / 1000}
-            kwargs["pool_size"] = 20
-            kwargs["max_overflow"] = 20
         else:
-            kwargs["pool_pre_ping"] = True
+            kwargs["pool_pre_ping"] = True  # a restarted server's dead connections are replaced
+            if self.is_postgresql:  # a row lock held longer than this fails like a busy SQLite
+                kwargs["connect_args"] = {
+                    "options": f"-c lock_timeout={int(busy_timeout_ms)}",
+                    "application_name": "aidnode"}
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas(busy_timeout_ms))

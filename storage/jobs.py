@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.orm import Session
 
 from storage import clock
@@ -110,6 +110,9 @@ def enqueue(s: Session, kind: JobKind, *, study_id: int | None = None,
     """Queue a job; with ``dedupe_key``, nothing is queued while one with that key is live or
     has succeeded (returns None then)."""
     if dedupe_key is not None:
+        if s.get_bind().dialect.name == "postgresql":  # two assemblers: one enqueues, one sees it
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                      {"k": dedupe_key})
         live = s.execute(select(Job.id).where(
             Job.dedupe_key == dedupe_key,
             Job.status.in_([Q, R, S]))).first()
@@ -195,11 +198,16 @@ def retry(s: Session, job_id: int, reason: str = "retried by admin") -> None:
 def requeue_stale(s: Session, older_than_s: float) -> list[int]:
     """Re-queue RUNNING jobs whose heartbeat is older than ``older_than_s``; returns their ids.
 
-    Their old lease tokens are cleared, so a stale worker's late ``succeed`` is refused.
+    Their old lease tokens are cleared, so a stale worker's late ``succeed`` is refused. Several
+    processes may run this at once (one per service on a shared database): the rows are locked,
+    and a row another process is handling is skipped.
     """
     cutoff = clock.now() - timedelta(seconds=older_than_s)
-    rows = list(s.execute(select(Job.id, Job.attempts, Job.max_attempts).where(
-        Job.status == R, Job.heartbeat_at < cutoff)))
+    q = select(Job.id, Job.attempts, Job.max_attempts).where(Job.status == R,
+                                                             Job.heartbeat_at < cutoff)
+    if s.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    rows = list(s.execute(q))
     for job_id, attempts, max_attempts in rows:
         if attempts >= max_attempts:  # it keeps dying mid-run: dead-letter it
             _transition(s, job_id, R, F, message="lease expired on the last attempt; failed",

@@ -199,3 +199,22 @@ class AuditEvent(Base):
     ae_title: Mapped[str | None] = mapped_column(String(16))
     host: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ServiceNode(Base):
+    """One running ``aidnode serve`` process and its role, seen by every other process.
+
+    A process inserts its row at start, renews ``heartbeat_at`` while it runs and deletes the row
+    when it stops cleanly; a row whose heartbeat is old belongs to a process that died.
+    """
+
+    __tablename__ = "service_nodes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)  # host:pid, prefix of job.worker
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime] = mapped_column(index=True)

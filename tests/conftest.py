@@ -1,11 +1,14 @@
-"""Shared fixtures: a migrated SQLite database, a file store and a controllable clock."""
+"""Shared fixtures: a migrated database (SQLite, or both SQLite and PostgreSQL), a file store,
+a controllable clock and a running node."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +46,50 @@ def db(tmp_path: Path) -> Iterator[Database]:
     database.dispose()
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """One throwaway PostgreSQL cluster for the session (tests/pg.py); skipped without the
+    server binaries, except under CI=true, where CI installs them and their absence fails."""
+    from tests import pg
+
+    if pg.pg_binaries() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL server binaries missing: .ci/run installs postgresql")
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    with pg.pg_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_cluster: Any) -> str:
+    """A migrated database that each PostgreSQL test copies (CREATE DATABASE ... TEMPLATE)."""
+    url = pg_cluster.create_database("aidnode_template")
+    template = Database(url)
+    template.upgrade()
+    template.dispose()
+    return "aidnode_template"
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any, pg_template: str) -> Iterator[str]:
+    """The URL of a fresh, migrated PostgreSQL database, dropped after the test."""
+    url = pg_cluster.create_database(template=pg_template)
+    yield url
+    pg_cluster.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated database of each kind: the storage and job tests run against both."""
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'var' / 'aidnode.db'}")
+        database.upgrade()
+    else:
+        database = Database(request.getfixturevalue("pg_url"))
+    yield database
+    database.dispose()
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> FileStore:
     return FileStore(tmp_path / "store")
@@ -51,7 +98,6 @@ def store(tmp_path: Path) -> FileStore:
 # -- a running node on loopback (integration tests) -------------------------------------------
 
 from collections.abc import Callable  # this section was appended to the file
-from typing import Any
 
 NODE_AE = "AIDNODE"
 TEST_MODEL = "test-model"  # not installed: jobs are keyed with version "unresolved", no training

@@ -28,6 +28,12 @@ def count_studies(db: Database) -> int:
 
 
 @pytest.fixture
+def db(any_db: Database) -> Database:
+    """The tests that take ``db`` run on SQLite and on PostgreSQL."""
+    return any_db
+
+
+@pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[Database, Database]]:
     """Two Database objects (two processes, in effect) on one migrated file, 200 ms timeout."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -145,3 +151,25 @@ def test_write_session_rolls_back_on_error(db: Database) -> None:
         s.flush()
         raise RuntimeError("halfway")
     assert count_studies(db) == 0
+
+
+def test_postgresql_row_lock_held_past_the_timeout_is_database_unavailable(
+        pg_url: str) -> None:
+    """Two processes on one PostgreSQL database: a row locked longer than busy_timeout_ms
+    fails the second writer the way a locked SQLite does, so the receiver answers 0xA700."""
+    first, second = Database(pg_url, busy_timeout_ms=200), Database(pg_url, busy_timeout_ms=200)
+    try:
+        with first.write() as s:
+            s.add(study("3.3"))
+        with first.write() as holder:
+            holder.execute(text("SELECT id FROM studies FOR UPDATE"))
+            with (pytest.raises(DatabaseUnavailableError, match="lock timeout"),
+                  second.write() as s):
+                s.execute(text("UPDATE studies SET instance_count = 5"))
+        with second.write() as s:  # the lock is gone: the second writer goes through
+            s.execute(text("UPDATE studies SET instance_count = 5"))
+        with first.read() as s:
+            assert s.execute(select(Study.instance_count)).scalar_one() == 5
+    finally:
+        first.dispose()
+        second.dispose()

@@ -26,6 +26,12 @@ FORBIDDEN = sorted(((a, b) for a in JobStatus for b in JobStatus if (a, b) not i
                    key=lambda p: (list(JobStatus).index(p[0]), list(JobStatus).index(p[1])))
 
 
+@pytest.fixture
+def db(any_db: Database) -> Database:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return any_db
+
+
 # -- helpers ------------------------------------------------------------------------------
 
 
@@ -630,3 +636,40 @@ def test_requeue_stale_dead_letters_a_job_out_of_attempts(db, frozen_clock) -> N
     with db.read() as s:
         job = s.get(Job, job_id)
         assert job.status == JobStatus.FAILED and job.lease_token is None
+
+
+def test_concurrent_claimers_take_each_job_exactly_once(db: Database) -> None:
+    """Six claimers, each on its own connection, drain 60 jobs at once: every job is claimed by
+    exactly one of them (FOR UPDATE SKIP LOCKED on PostgreSQL, BEGIN IMMEDIATE on SQLite)."""
+    import threading
+
+    ids = {enqueue(db) for _ in range(60)}
+    taken: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def drain(name: str) -> None:
+        mine = taken.setdefault(name, [])
+        try:
+            barrier.wait()
+            while True:
+                with db.write() as s:
+                    c = jobs.claim(s, ANALYZE, name)
+                    if c is None:
+                        return
+                    jobs.succeed(s, c.id, c.token)
+                mine.append(c.id)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(f"w{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    claimed = [j for mine in taken.values() for j in mine]
+    assert sorted(claimed) == sorted(ids)  # all of them, none twice
+    with db.read() as s:
+        events = s.execute(select(JobEvent.job_id).where(JobEvent.to_status == R)).scalars()
+        assert sorted(events) == sorted(ids)  # one claim event per job
