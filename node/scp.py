@@ -35,6 +35,7 @@ from node.status import (
 )
 from storage import audit, catalog
 from storage.db import Database
+from storage.faults import crash_point
 from storage.files import FileStore
 
 log = logging.getLogger(__name__)
@@ -258,6 +259,7 @@ def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
             with rx.db.write() as s:
                 outcome, unused = catalog.record_instance(s, meta, stored, replace=replace)
         stored_path = None  # committed: the file belongs to the database now
+        crash_point("scp.after_commit")
         if unused:
             try:
                 rx.store.remove(unused)

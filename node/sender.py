@@ -26,6 +26,7 @@ from node.status import is_success, is_warning
 from storage import audit, clock, jobs
 from storage.db import Database
 from storage.errors import JobStateError
+from storage.faults import crash_point
 from storage.files import FileStore
 from storage.models import Delivery, Job, JobKind, JobStatus, ResultObject, Study, StudyState
 
@@ -164,6 +165,7 @@ class Sender:
             by_path = {self.store.path(o.path): o for o in objects}
 
             def record(path: Path, status: int) -> None:
+                crash_point("sender.after_ack")  # the PACS answered; nothing recorded yet
                 with self.db.write() as s:  # renew the lease: long sends are not re-queued
                     if not jobs.heartbeat(s, job.id, job.token):
                         raise JobStateError(f"job {job.id}: lease lost during the send")

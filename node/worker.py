@@ -29,6 +29,7 @@ from node.metrics import Metrics
 from storage import clock, jobs
 from storage.db import Database
 from storage.errors import JobStateError, StorageError
+from storage.faults import crash_point
 from storage.files import FileStore
 from storage.models import (
     Instance,
@@ -160,6 +161,7 @@ class Analyzer:
         self.metrics.inference_seconds.labels(ref.name, ref.version).observe(prediction.seconds)
         built = self._build(study, datasets, prediction, previous, predictor)
         written = [(b, self.store.write(encode(b.dataset), kind="results")) for b in built]
+        crash_point("worker.after_model")
         if lost.is_set():
             for _, f in written:
                 self.store.remove(f.path)
