@@ -149,19 +149,35 @@ def require_yes(yes: bool, what: str) -> None:
 
 
 @app.command()
-def serve(ctx: typer.Context) -> None:
+def serve(
+    ctx: typer.Context,
+    role: Annotated[str, typer.Option(
+        "--role", metavar="all|receiver|worker|sender",
+        help="What this process runs: everything (default), or one role of several processes "
+             "sharing a PostgreSQL database and a file store.")] = "all",
+) -> None:
     """Run the node: receiver, assembler, workers, senders, metrics.
 
-    Example: aidnode serve -c /etc/aidnode/config.toml
+    Example: aidnode serve --role worker -c /etc/aidnode/config.toml
     """
-    from node.service import Service, open_storage
+    from node.service import Role, Service, open_storage
 
+    try:
+        chosen = Role(role)
+    except ValueError:
+        raise typer.BadParameter(f"must be one of {', '.join(r.value for r in Role)}",
+                                 param_hint="--role") from None
     cfg = state(ctx).config
     node_logging.setup(cfg.logging.level, cfg.logging.format)
     db, store = open_storage(cfg)
+    if chosen is not Role.ALL and db.is_sqlite:
+        raise typer.BadParameter(
+            "a single role needs a database other processes can share: set database.url to "
+            "postgresql+psycopg://... (SQLite serves one process; use --role all)",
+            param_hint="--role")
     if db.is_sqlite and db.current_revision() is None:
         db.upgrade()  # a brand-new SQLite node creates its schema; later changes need the CLI
-    raise typer.Exit(Service(cfg, db, store).run_forever())
+    raise typer.Exit(Service(cfg, db, store, role=chosen).run_forever())
 
 
 db_app = typer.Typer(no_args_is_help=True,
@@ -178,6 +194,60 @@ def db_upgrade(ctx: typer.Context) -> None:
     db, _ = state(ctx).storage(check_schema=False)
     rev = db.upgrade()
     out.print(f"database at revision {rev}")
+
+
+@db_app.command("migrate-to")
+def db_migrate_to(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Argument(help="The target database, e.g. "
+                                            "postgresql+psycopg://aidnode@db/aidnode")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy this node's studies, jobs, results and history into another (empty) database.
+
+    Stop the service first; then point database.url at the target and start it again.
+
+    Example: aidnode db migrate-to postgresql+psycopg://aidnode@db.example/aidnode
+    """
+    from pydantic import ValidationError
+    from rich.progress import Progress
+
+    from node.config import DatabaseConfig
+    from storage import migrate, registry
+    from storage.db import Database
+
+    source, _ = state(ctx).storage()
+    try:
+        target_url = DatabaseConfig(url=url).url
+    except ValidationError:
+        raise UsageError("URL must start with postgresql+psycopg:// or sqlite:///") from None
+    if target_url == source.url:
+        raise UsageError("the target is the database this node already uses")
+    with source.read() as s:
+        running = registry.live(s)
+    if running:
+        raise UsageError("stop the service before migrating (running: " +
+                         ", ".join(f"{p.name} {p.role}" for p in running) +
+                         "); a copy taken while it receives would miss what arrives later")
+    target = Database(target_url)
+    try:
+        with Progress(console=err, disable=as_json) as bar:
+            tasks: dict[str, Any] = {}
+
+            def progress(table: str, done: int, total: int) -> None:
+                if table not in tasks:
+                    tasks[table] = bar.add_task(table, total=max(total, 1))
+                bar.update(tasks[table], completed=done if total else 1)
+
+            report = migrate.copy_database(source, target, progress)
+    finally:
+        target.dispose()
+    rows = [{"table": c.table, "rows": c.target_rows} for c in report]
+    if as_json:
+        return emit({"target": mask_password(target_url), "tables": rows}, True)
+    out.print(make_table(f"copied into {mask_password(target_url)}", ["table", "rows"],
+                         [[r["table"], r["rows"]] for r in rows]))
+    out.print("now set database.url to the target and start the service")
 
 
 config_app = typer.Typer(no_args_is_help=True,

@@ -19,7 +19,7 @@ from node.cli import (
     state,
 )
 from node.errors import NodeError
-from storage import clock, jobs
+from storage import clock, jobs, registry
 from storage.models import (
     Delivery,
     Job,
@@ -44,7 +44,7 @@ def _age(ts: Any) -> str:
 
 @app.command()
 def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Node status: address, models, queues, failing deliveries, disk, last errors.
+    """Node status: processes and roles, models, queues, failing deliveries, disk, errors.
 
     Example: aidnode status --json
     """
@@ -71,7 +71,9 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                   for j in s.execute(select(Job).where(Job.last_error.is_not(None))
                                      .order_by(Job.updated_at.desc()).limit(5)).scalars()]
         studies = s.execute(select(func.count()).select_from(Study)).scalar()
+        procs = registry.nodes(s)
     data = {
+        "processes": [p.as_dict() for p in procs],
         "listening": f"{cfg.node.ae_title}@{cfg.node.host}:{cfg.node.port}",
         "models": [{"name": m.name, "version": m.version, "path": str(m.directory)}
                    for m in models.installed(cfg)],
@@ -91,6 +93,12 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         for k, q in queues.items()]))
     if failing:
         out.print("failing deliveries: " + ", ".join(f"{d}: {n}" for d, n in failing.items()))
+    out.print(make_table("processes", ["host", "pid", "role", "heartbeat", "jobs in hand"], [
+        [p.host, p.pid, p.role,
+         f"{(clock.now() - p.heartbeat_at).total_seconds():.0f}s ago"
+         + (" (stale: stopped?)" if p.stale else ""), p.jobs_in_hand] for p in procs]))
+    if not procs:
+        out.print("no `aidnode serve` process is registered (none running?)")
     for e in errors:
         out.print(f"  job {e['job']} ({e['kind']}): {e['error']}")
 

@@ -1,4 +1,9 @@
-"""The long-running service: receiver, assembler, workers, senders, metrics, in one process.
+"""The long-running service: receiver, assembler, workers, senders, metrics.
+
+One process runs every part (``--role all``, the default), or one role of several processes that
+share a PostgreSQL database and a file store: ``receiver`` (the SCP, the assembler and retention),
+``worker`` (analysis) or ``sender`` (delivery). Every process registers itself in
+``service_nodes`` and renews a heartbeat there; every process re-queues stale leases.
 
 Start-up: check the schema, remove partial writes, re-queue jobs whose lease went stale, make
 sure the models the rules name are installed (building the demo if needed), start everything,
@@ -18,6 +23,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from sqlalchemy import func, select
@@ -28,13 +35,35 @@ from node.metrics import Metrics
 from node.scp import Receiver, start
 from node.sender import Sender
 from node.worker import Analyzer
-from storage import clock, jobs, retention
+from storage import clock, jobs, registry, retention
 from storage.db import Database
 from storage.files import FileStore
 from storage.models import Job, JobKind, JobStatus
 
 log = logging.getLogger(__name__)
 PURGE_INTERVAL_S = 3600.0  # retention runs at start-up and then hourly
+#: On a store shared with other processes, a file with no row is removed only when this old: a
+#: receiver elsewhere may be between its rename and its commit.
+SHARED_ORPHAN_AGE_S = 600.0
+
+
+class Role(StrEnum):
+    """What one ``aidnode serve`` process runs."""
+
+    ALL = "all"
+    RECEIVER = "receiver"  # the SCP, the assembler, retention
+    WORKER = "worker"  # ANALYZE jobs
+    SENDER = "sender"  # DELIVER jobs
+
+    def runs(self, part: Role) -> bool:
+        return self in (Role.ALL, part)
+
+
+def aidnode_version() -> str:
+    try:
+        return version("aidnode")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def sd_notify(message: str) -> bool:
@@ -81,28 +110,38 @@ class Service:
     threads: list[threading.Thread] = field(default_factory=list)
     server: Any = None
     metrics_port: int | None = None
+    role: Role = Role.ALL
+    name: str = field(default_factory=registry.process_name)  # host:pid
     _next_purge: float = 0.0
+
+    @property
+    def shared(self) -> bool:
+        """True when other processes may share the database and the store (PostgreSQL)."""
+        return not self.db.is_sqlite
 
     def recover(self) -> None:
         """Start-up recovery: schema, partial files, orphans, stale leases."""
         self.db.check_schema()
-        n = self.store.clean_tmp()
+        n = self.store.clean_tmp(shared=self.shared)
         if n:
             log.warning("removed %d partial file(s) left by a crash", n)
-        self.remove_orphans()
+        self.remove_orphans(min_age_s=SHARED_ORPHAN_AGE_S if self.shared else 0.0)
         with self.db.write() as s:
             ids = jobs.requeue_stale(s, self.config.inference.lease_s)
         if ids:
             log.warning("re-queued %d job(s) whose worker stopped: %s", len(ids), ids)
 
-    def remove_orphans(self) -> int:
-        """Files written durably whose row never committed (a crash in between)."""
+    def remove_orphans(self, min_age_s: float = 0.0) -> int:
+        """Files written durably whose row never committed (a crash in between); with
+        ``min_age_s``, only those at least that old (the store is shared)."""
         from storage.catalog import known_paths
 
-        with self.db.read() as s:
+        cutoff = time.time() - min_age_s
+        candidates = [p for kind in ("instances", "results") for p in self.store.files(kind)]
+        with self.db.read() as s:  # listed first: a file written after this is never a candidate
             known = known_paths(s)
-        orphans = [p for kind in ("instances", "results") for p in self.store.files(kind)
-                   if p not in known]
+        orphans = [p for p in candidates if p not in known
+                   and (min_age_s <= 0 or _mtime(self.store.path(p)) < cutoff)]
         for p in orphans:
             self.store.remove(p)
         if orphans:
@@ -126,9 +165,12 @@ class Service:
 
     def _housekeeping(self) -> bool:
         with self.db.write() as s:
+            if not registry.heartbeat(s, self.name):  # removed as stale while we were paused
+                registry.register(s, self.name, self.role.value, aidnode_version())
+        with self.db.write() as s:
             jobs.requeue_stale(s, self.config.inference.lease_s)
         self.update_gauges()
-        if time.monotonic() >= self._next_purge:
+        if self.role.runs(Role.RECEIVER) and time.monotonic() >= self._next_purge:
             self._next_purge = time.monotonic() + PURGE_INTERVAL_S
             rep = retention.purge(self.db, self.store, self.config.storage.retention_days)
             if rep.studies:
@@ -149,23 +191,30 @@ class Service:
 
     def start(self, host: str | None = None, port: int | None = None) -> None:
         self.recover()
-        ensure_models(self.config)
+        if self.role.runs(Role.WORKER):
+            ensure_models(self.config)
+        with self.db.write() as s:
+            registry.register(s, self.name, self.role.value, aidnode_version())
+        log.info("role %s, registered as %s", self.role.value, self.name)
         if self.config.metrics.enabled:
             self.metrics_port = self.metrics.serve(self.config.metrics.host,
                                                    self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host,
                      self.metrics_port)
-        rx = Receiver(self.config, self.db, self.store, self.metrics)
-        self.server = start(rx, host, port)
         loops: list[tuple[str, Callable[[], bool], float]] = [
-            ("assembler", self._assemble, self.config.assembly.check_interval_s),
-            ("housekeeping", self._housekeeping, 5.0),
-        ]
-        for i in range(self.config.inference.workers):
-            a = Analyzer(self.config, self.db, self.store, self.metrics, name=f"worker-{i}")
-            loops.append((a.name, a.run_once, 0.5))
-        if self.config.destinations:
-            snd = Sender(self.config, self.db, self.store, self.metrics)
+            ("housekeeping", self._housekeeping, 5.0)]
+        if self.role.runs(Role.RECEIVER):
+            rx = Receiver(self.config, self.db, self.store, self.metrics)
+            self.server = start(rx, host, port)
+            loops.append(("assembler", self._assemble, self.config.assembly.check_interval_s))
+        if self.role.runs(Role.WORKER):
+            for i in range(self.config.inference.workers):
+                a = Analyzer(self.config, self.db, self.store, self.metrics,
+                             name=f"{self.name}/worker-{i}")
+                loops.append((f"worker-{i}", a.run_once, 0.5))
+        if self.role.runs(Role.SENDER) and self.config.destinations:
+            snd = Sender(self.config, self.db, self.store, self.metrics,
+                         name=f"{self.name}/sender")
             loops.append(("sender", snd.run_once, 0.5))
         for name, step, idle in loops:
             t = threading.Thread(target=self._loop, args=(name, step, idle), name=name,
@@ -193,6 +242,11 @@ class Service:
         self.stopping.set()
         for t in self.threads:
             t.join(timeout=max(0.1, grace_s))
+        try:
+            with self.db.write() as s:
+                registry.deregister(s, self.name)
+        except Exception:  # the row goes stale instead; nothing is lost
+            log.warning("could not remove %s from the registry", self.name, exc_info=True)
         self.db.dispose()
         log.info("stopped")
 
@@ -211,3 +265,10 @@ class Service:
                 log.error("a service loop died; withholding the watchdog ping")
         self.stop()
         return 0
+
+
+def _mtime(path: os.PathLike[str] | str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return time.time()  # gone already: not an orphan to remove

@@ -11,14 +11,20 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import OutOfSpaceError, StoreWriteError
+from storage.faults import crash_point
 
 _KINDS = ("instances", "results")
+_HOST = socket.gethostname()
+#: On a store several hosts share, another host's partial write is removed only this late.
+FOREIGN_TMP_AGE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class FileStore:
         name = uuid.uuid4().hex
         rel = Path(kind) / name[:2] / name[2:4] / f"{name}.dcm"
         final = self.root / rel
-        tmp = self.tmp / f"{name}.part"
+        tmp = self.tmp / f"{_HOST}.{os.getpid()}.{name}.part"  # whose partial write this is
         size = 0
         try:
             with open(tmp, "xb") as fh:
@@ -74,13 +80,16 @@ class FileStore:
                     fh.write(chunk)
                     size += len(chunk)
                 fh.flush()
+                crash_point("store.after_write")
                 os.fsync(fh.fileno())
+            crash_point("store.after_fsync")
             new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
             _fsync_dir(final.parent)
             for d in new_dirs:  # a new shard folder's own entry must be durable too
                 _fsync_dir(d.parent)
+            crash_point("store.after_rename")
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             final.unlink(missing_ok=True)  # a rename that happened before a failed dir fsync
@@ -110,10 +119,37 @@ class FileStore:
         for p in base.rglob("*.dcm"):
             yield p.relative_to(self.root).as_posix()
 
-    def clean_tmp(self) -> int:
-        """Remove partial writes left by a crash; returns how many."""
+    def clean_tmp(self, shared: bool = False) -> int:
+        """Remove partial writes left by a crash; returns how many.
+
+        With ``shared`` (a store that processes on other hosts write to as well), only this
+        host's partial files whose process is gone are removed at once; another host's only
+        when older than ``FOREIGN_TMP_AGE_S``. Without it, every partial file goes.
+        """
         n = 0
         for p in self.tmp.glob("*.part"):
+            if shared and not _abandoned(p):
+                continue
             p.unlink(missing_ok=True)
             n += 1
         return n
+
+
+def _abandoned(part: Path) -> bool:
+    """True when the process that was writing ``part`` cannot still be writing it."""
+    fields = part.name[:-len(".part")].rsplit(".", 2)  # host (may hold dots), pid, uuid
+    if len(fields) == 3 and fields[0] == _HOST and fields[1].isdigit():
+        pid = int(fields[1])
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, someone else's
+        return False
+    try:
+        return time.time() - part.stat().st_mtime > FOREIGN_TMP_AGE_S
+    except FileNotFoundError:
+        return False

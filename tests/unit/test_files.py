@@ -173,3 +173,37 @@ def test_store_creates_its_folders(tmp_path: Path) -> None:
     root = tmp_path / "deep" / "store"
     FileStore(root)
     assert all((root / d).is_dir() for d in ("tmp", "instances", "results"))
+
+
+def test_clean_tmp_on_a_shared_store_spares_live_writers(store: FileStore) -> None:
+    """On a store other processes write to, only partial files whose writer is gone (a dead pid
+    on this host, or another host's file older than an hour) are removed at start-up."""
+    import os
+    import socket
+    import time
+
+    from storage import files
+
+    dead = _dead_pid()
+    host = socket.gethostname()
+    mine_dead = store.tmp / f"{host}.{dead}.aa.part"
+    mine_live = store.tmp / f"{host}.{os.getppid()}.bb.part"  # the parent is alive
+    other_new = store.tmp / "scanner-host.1234.cc.part"
+    other_old = store.tmp / "scanner-host.1234.dd.part"
+    for p in (mine_dead, mine_live, other_new, other_old):
+        p.write_bytes(b"partial")
+    old = time.time() - files.FOREIGN_TMP_AGE_S - 60
+    os.utime(other_old, (old, old))
+    assert store.clean_tmp(shared=True) == 2
+    assert sorted(p.name for p in store.tmp.glob("*.part")) == sorted(
+        [mine_live.name, other_new.name])
+    assert store.clean_tmp() == 2  # a store of its own: everything partial goes
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
