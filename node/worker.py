@@ -219,6 +219,10 @@ class Analyzer:
         shadow = rule is not None and rule.mode == "shadow"
         destinations = [] if shadow or rule is None else list(rule.destinations)
         with self.db.write() as s:
+            # The lease first: a stale worker is refused before its rows collide with the
+            # result of the worker that reclaimed the job.
+            jobs.succeed(s, job.id, job.token,
+                         f"{len(written)} objects, {len(p.positive())} positive")
             result = Result(study_id=study.id, job_id=job.id, rule=job.payload.get("rule"),
                             model_name=p.model_name, model_version=p.model_version,
                             input_hash=input_hash([i.sop_instance_uid for i in instances]),
@@ -235,8 +239,6 @@ class Analyzer:
                 old = s.get(Result, previous.id)
                 if old is not None:
                     old.superseded_by = result.id
-            jobs.succeed(s, job.id, job.token,
-                         f"{len(written)} objects, {len(p.positive())} positive")
             for name in destinations:
                 dest = self.config.destination(name)
                 jobs.enqueue(s, JobKind.DELIVER, study_id=study.id, destination=name,
