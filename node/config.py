@@ -31,6 +31,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TLS_VERSIONS = ("1.2", "1.3")  # DESIGN §9; BCP 195 (RFC 8996, PS3.15 B.9) retires 1.0 and 1.1
+
+
+class ReceiverTLSConfig(_Section):
+    """``[node.tls]``: a second, TLS-only port for the receiver (PS3.15 Annex B).
+
+    2762 is the port IANA registered for DICOM over TLS. With ``ca_bundle`` every client must
+    present a certificate signed by it (mutual TLS); without it any client may connect.
+    """
+
+    port: int = Field(2762, ge=1, le=65535)
+    certificate: Path
+    private_key: Path
+    ca_bundle: Path | None = None
+    min_version: str = "1.2"
+
+    @field_validator("min_version", mode="before")
+    @classmethod
+    def _version(cls, v: object) -> object:
+        if isinstance(v, float):  # min_version = 1.2 written as a TOML number
+            v = str(v)
+        if isinstance(v, str) and v not in TLS_VERSIONS:
+            raise ValueError(f'must be "1.2" or "1.3" (TLS below 1.2 is refused), not {v!r}')
+        return v
+
+
 class NodeConfig(_Section):
     ae_title: str = "AIDNODE"
     host: str = "0.0.0.0"
@@ -42,6 +68,7 @@ class NodeConfig(_Section):
     max_pdu: int = Field(262144, ge=4096, le=4_194_304)
     max_dataset_bytes: int = Field(2 * 1024**3, gt=0)
     max_pixel_bytes: int = Field(1024**3, gt=0)
+    tls: ReceiverTLSConfig | None = None
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -274,6 +301,23 @@ def _reference_problems(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str
         for d in rule.get("destinations") or []:
             if d not in names:
                 out.append((("rules", i, "destinations"), f"names unknown destination {d!r}"))
+    node = data.get("node")
+    tls = node.get("tls") if isinstance(node, dict) else None
+    if isinstance(node, dict) and isinstance(tls, dict):
+        port = str(node.get("port", NodeConfig.model_fields["port"].default))
+        if str(tls.get("port", ReceiverTLSConfig.model_fields["port"].default)) == port:
+            out.append((("node", "tls", "port"), f"must differ from node.port ({port})"))
+    return out
+
+
+def _file_problems(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
+    """Files the node must read at start: the TLS listener's certificate, key and CA bundle."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    if cfg.node.tls is not None:
+        for key in ("certificate", "private_key", "ca_bundle"):
+            path = getattr(cfg.node.tls, key)
+            if path is not None and not path.is_file():
+                out.append((("node", "tls", key), f"no such file: {path}"))
     return out
 
 
@@ -284,6 +328,11 @@ def _resolve(cfg: Config, base: Path) -> Config:
         value = getattr(sec, key)
         if not value.is_absolute():
             updates[section] = sec.model_copy(update={key: (base / value).resolve()})
+    tls = cfg.node.tls
+    if tls is not None:
+        paths = {k: (base / v).resolve() for k in ("certificate", "private_key", "ca_bundle")
+                 if (v := getattr(tls, k)) is not None and not v.is_absolute()}
+        updates["node"] = cfg.node.model_copy(update={"tls": tls.model_copy(update=paths)})
     dests = []
     for d in cfg.destinations:
         if d.tls is not None:
@@ -328,7 +377,10 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
         found += [(tuple(e["loc"]), "unknown key" if e["type"] == "extra_forbidden"
                    else e["msg"]) for e in exc.errors()]
     found += _reference_problems(data)
-    if found or cfg is None:
+    resolved = None if cfg is None else _resolve(cfg, base)
+    if resolved is not None:
+        found += _file_problems(resolved)
+    if found or resolved is None:
         index = _line_index(text)
         problems = []
         for loc, msg in found:
@@ -341,4 +393,4 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
                 where = f" (line {line})" if line else ""
             problems.append(f"{key}{where}: {msg}")
         raise ConfigError(problems, source=path) from None
-    return _resolve(cfg, base)
+    return resolved

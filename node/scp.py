@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from node.config import Config, PeerConfig
 from node.errors import InvalidDatasetError, UIDMismatchError
+from node.listeners import ReceiverServer, serve
 from node.logging import clean
 from node.metrics import Metrics
 from node.status import (
@@ -314,12 +315,14 @@ def handlers(rx: Receiver) -> list[Any]:
     ]
 
 
-def start(rx: Receiver, host: str | None = None, port: int | None = None) -> Any:
-    """Start the SCP without blocking; returns pynetdicom's server (``.shutdown()`` stops it)."""
+def start(rx: Receiver, host: str | None = None, port: int | None = None) -> ReceiverServer:
+    """Start the SCP without blocking, and its DICOM TLS port when ``node.tls`` is set.
+
+    Returns the plain port's server; ``.shutdown()`` (or ``server_close()``) stops both ports.
+    """
     ae = build_ae(rx.config)
     address = (host or rx.config.node.host, rx.config.node.port if port is None else port)
-    server = ae.start_server(address, block=False, evt_handlers=handlers(rx))
-    assert server is not None  # block=False returns the server
+    server = serve(ae, address, handlers(rx), rx.config.node)
     log.info("listening on %s:%d as %s", *server.server_address[:2], rx.config.node.ae_title)
     return server
 

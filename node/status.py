@@ -54,3 +54,7 @@ def is_warning(status: int) -> bool:
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE not recognised
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)  # transient, provider (presentation), local limit exceeded
+
+# A-ABORT (source, reason), PS3.8 9.3.8 table 9-26
+ABORT_PDU_TOO_LONG = (0x02, 0x06)  # service provider, invalid PDU parameter value (its length)
+ABORT_DATASET_TOO_LARGE = (0x00, 0x00)  # service user (a local limit); reason not significant

@@ -1,0 +1,225 @@
+"""The receiver's listening sockets: the DICOM port, the optional DICOM TLS port, and the limits
+applied to what a peer sends before pynetdicom buffers it.
+
+Both ports belong to one AE, so ``node.max_associations`` counts the associations on both. The
+plain server owns the TLS one: ``server_close()`` (and pynetdicom's ``shutdown()``) stop both, and
+``active_associations`` lists both, so ``node.service`` stops a receiver the same way with or
+without TLS.
+
+pynetdicom reads a PDU of whatever length its header claims, keeps reading a stalled PDU past the
+network timeout (its own timer only runs between PDUs) and holds a whole data set in memory before
+the C-STORE handler runs. Each accepted socket therefore gets the network timeout as its socket
+timeout and a ``PDULimits`` that aborts the association (PS3.8 9.3.8) when a PDU is longer than we
+accept (PS3.8 D.1: a P-DATA-TF no longer than our Maximum Length) or a data set grows past
+``node.max_dataset_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from node.config import NodeConfig, ReceiverTLSConfig
+from node.errors import ConfigError
+from node.logging import clean
+from node.status import ABORT_DATASET_TOO_LARGE, ABORT_PDU_TOO_LONG
+
+log = logging.getLogger(__name__)
+
+P_DATA_TF = 0x04  # PS3.8 9.3.1
+PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ .. A-ABORT; pynetdicom reads no body for others
+MAX_CONTROL_PDU = 1 << 20  # any other PDU: an A-ASSOCIATE-RQ with 128 contexts is ~100 KiB
+TLS_MINIMUM = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pdu: int
+    max_dataset_bytes: int
+    network_timeout_s: float
+    handshake_timeout_s: float
+
+    @classmethod
+    def of(cls, node: NodeConfig) -> Limits:
+        return cls(node.max_pdu, node.max_dataset_bytes, node.network_timeout_s,
+                   node.acse_timeout_s)
+
+
+def abort_pdu(source_reason: tuple[int, int]) -> bytes:
+    """An A-ABORT PDU (PS3.8 9.3.8) with this (source, reason)."""
+    return struct.pack(">BxI2xBB", 0x07, 4, *source_reason)
+
+
+class PDULimits:
+    """Guards one accepted association's reads; replaces its ``AssociationSocket.recv``.
+
+    pynetdicom reads each PDU as ``recv(6)`` (type and length) and then ``recv(length)``, and
+    builds the socket inside ``RequestHandler._create_association`` with no hook for its class,
+    hence the replaced method. A refusal sends the A-ABORT itself, then answers every read with
+    nothing: pynetdicom takes the short PDU as a closed connection and ends the association.
+    """
+
+    def __init__(self, sock: AssociationSocket, limits: Limits, peer: str) -> None:
+        self._sock, self._recv, self._limits, self._peer = sock, sock.recv, limits, peer
+        self._at_header, self._kind, self._dataset, self.refused = True, 0, 0, False
+        sock.recv = self.recv  # type: ignore[method-assign]
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self.refused:
+            return bytearray()
+        data = self._recv(nr_bytes)
+        if self._at_header:
+            if len(data) == 6 and data[0] in PDU_TYPES:
+                self._kind, length = struct.unpack(">BxI", data)
+                self._at_header = False
+                limit = self._limits.max_pdu if self._kind == P_DATA_TF else MAX_CONTROL_PDU
+                if length > limit:
+                    self._refuse(ABORT_PDU_TOO_LONG, f"a PDU of {length} bytes (type "
+                                 f"0x{self._kind:02X}) is above our maximum of {limit}")
+            return data
+        self._at_header = True
+        if self._kind == P_DATA_TF and not self._count(data):
+            self._refuse(ABORT_DATASET_TOO_LARGE, "the data set is larger than "
+                         f"node.max_dataset_bytes ({self._limits.max_dataset_bytes})")
+            return bytearray()
+        return data
+
+    def _count(self, body: bytes | bytearray) -> bool:
+        """Add the data set fragments of a P-DATA-TF (PS3.8 9.3.5.1); False over the limit."""
+        at = 0
+        while at + 6 <= len(body):
+            length, control = struct.unpack_from(">I", body, at)[0], body[at + 5]
+            if not control & 0x01:  # a data set fragment, not a command one (PS3.8 E.2)
+                self._dataset += max(0, length - 2)
+                if self._dataset > self._limits.max_dataset_bytes:
+                    return False
+                if control & 0x02:  # its last fragment: the next data set starts from zero
+                    self._dataset = 0
+            at += 4 + length
+        return True
+
+    def _refuse(self, source_reason: tuple[int, int], why: str) -> None:
+        log.warning("aborting the association from %s: %s", self._peer, why)
+        self.refused = True
+        self._sock.send(abort_pdu(source_reason))
+
+
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's handler, with the socket timeout and ``PDULimits`` on each association."""
+
+    server: _Server
+
+    def _create_association(self) -> Association:
+        request = cast(socket.socket, self.request)
+        request.settimeout(self.server.limits.network_timeout_s)
+        assoc = super()._create_association()
+        PDULimits(cast(AssociationSocket, assoc.dul.socket), self.server.limits,
+                  str(self.client_address[0]))
+        return assoc
+
+
+class _Server(ThreadedAssociationServer):
+    limits: Limits
+
+
+class TLSServer(_Server):
+    """The DICOM TLS port: the handshake runs in the connection's own thread, within the ACSE
+    timeout. (pynetdicom's ``get_request`` runs it in the accept loop without a timeout, so one
+    connection that never sends a ClientHello would hold every other TLS peer off.)"""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = cast(socket.socket, self.socket).accept()
+        context = cast(ssl.SSLContext, self.ssl_context)
+        return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(self.limits.handshake_timeout_s)
+            request.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+            log.warning("TLS handshake with %s refused: %s", client_address[0],
+                        clean(exc, 200))
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+class ReceiverServer(_Server):
+    """The plain DICOM port; it owns the TLS server, if any, and stops it with itself."""
+
+    tls: TLSServer | None = None
+
+    @property
+    def active_associations(self) -> list[Association]:
+        """The associations in progress on both ports."""
+        own = super().active_associations
+        return own + (self.tls.active_associations if self.tls is not None else [])
+
+    def server_close(self) -> None:
+        super().server_close()
+        tls, self.tls = self.tls, None
+        if tls is not None:
+            tls.shutdown()  # stop its accept loop, close its socket, leave ae._servers
+            log.info("DICOM TLS port closed")
+
+
+def server_context(tls: ReceiverTLSConfig) -> ssl.SSLContext:
+    """The TLS server context: TLS >= ``min_version``, client certificates required (and
+    verified against ``ca_bundle``) when a CA bundle is given. Raises ConfigError."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_MINIMUM[tls.min_version]
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+        if tls.ca_bundle is not None:
+            context.load_verify_locations(cafile=tls.ca_bundle)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        why = f"node.tls: cannot load the certificate, key or CA bundle: {exc}"
+        raise ConfigError([why]) from exc
+    return context
+
+
+def _serve(ae: AE, address: tuple[str, int], handlers: list[Any], server_class: type[_Server],
+           limits: Limits, context: ssl.SSLContext | None = None) -> Any:
+    """What ``AE.start_server(block=False)`` does, with our server and request handler."""
+    server = cast(_Server, ae.make_server(
+        address, ssl_context=context, evt_handlers=handlers, server_class=server_class,
+        request_handler=GuardedRequestHandler))
+    server.limits = limits
+    thread = threading.Thread(target=server.serve_forever, daemon=True,
+                              name=f"AcceptorServer@{server.server_address[1]}")
+    thread.start()
+    ae._servers.append(server)
+    return server
+
+
+def serve(ae: AE, address: tuple[str, int], handlers: list[Any], node: NodeConfig,
+          ) -> ReceiverServer:
+    """Listen on ``address`` and, when ``node.tls`` is set, on its TLS port on the same host."""
+    limits = Limits.of(node)
+    context = server_context(node.tls) if node.tls is not None else None
+    server: ReceiverServer = _serve(ae, address, handlers, ReceiverServer, limits)
+    if node.tls is not None:
+        try:
+            server.tls = _serve(ae, (address[0], node.tls.port), handlers, TLSServer, limits,
+                                context)
+        except OSError:
+            server.shutdown()
+            raise
+        mutual = "client certificates required" if node.tls.ca_bundle else "no client certificates"
+        log.info("DICOM TLS on %s:%d (TLS >= %s, %s)", address[0],
+                 server.tls.server_address[1], node.tls.min_version, mutual)
+    return server
+
+
+__all__ = ["GuardedRequestHandler", "Limits", "PDULimits", "ReceiverServer", "TLSServer",
+           "serve", "server_context"]
