@@ -154,7 +154,7 @@ class AidnodeProcess:
 @contextmanager
 def aidnode_serve(folder: Path, *, rules: list[dict[str, object]] | None = None,
                   destinations: list[dict[str, object]] | None = None,
-                  env: dict[str, str] | None = None,
+                  env: dict[str, str] | None = None, role: str = "all",
                   **sections: dict[str, object]) -> Iterator[AidnodeProcess]:
     """``aidnode serve`` in a subprocess with a temp config in ``folder``; stopped on exit.
 
@@ -174,7 +174,8 @@ def aidnode_serve(folder: Path, *, rules: list[dict[str, object]] | None = None,
     run_env.pop("AIDNODE_CONFIG", None)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from node.cli import main; main()", "-c", str(cfg), "serve"],
+            [sys.executable, "-c", "from node.cli import main; main()", "-c", str(cfg), "serve",
+             "--role", role],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
             env=run_env)
     node = AidnodeProcess(LOOPBACK, port, proc, folder, log_path)

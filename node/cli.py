@@ -154,7 +154,8 @@ def serve(
     role: Annotated[str, typer.Option(
         "--role", metavar="all|receiver|worker|sender",
         help="What this process runs: everything (default), or one role of several processes "
-             "sharing a PostgreSQL database and a file store.")] = "all",
+             "sharing the database and the file store (PostgreSQL across machines; SQLite "
+             "only on one machine).")] = "all",
 ) -> None:
     """Run the node: receiver, assembler, workers, senders, metrics.
 
@@ -170,11 +171,6 @@ def serve(
     cfg = state(ctx).config
     node_logging.setup(cfg.logging.level, cfg.logging.format)
     db, store = open_storage(cfg)
-    if chosen is not Role.ALL and db.is_sqlite:
-        raise typer.BadParameter(
-            "a single role needs a database other processes can share: set database.url to "
-            "postgresql+psycopg://... (SQLite serves one process; use --role all)",
-            param_hint="--role")
     if db.is_sqlite and db.current_revision() is None:
         db.upgrade()  # a brand-new SQLite node creates its schema; later changes need the CLI
     raise typer.Exit(Service(cfg, db, store, role=chosen).run_forever())

@@ -178,6 +178,12 @@ class InferenceConfig(_Section):
     workers: int = Field(1, ge=0, le=64)
     lease_s: float = Field(300, gt=0)
     heatmap_when_negative: Literal["none", "top"] = "none"
+    # CPU threads for the model; 0: one fewer than the machine's cores (at least 1), so the
+    # receiver keeps a core while the model runs.
+    cpu_threads: int = Field(0, ge=0, le=256)
+    # Niceness of the worker threads (Linux): receiving, which answers scanners, goes first.
+    nice: int = Field(10, ge=0, le=19)
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

@@ -116,8 +116,9 @@ class Service:
 
     @property
     def shared(self) -> bool:
-        """True when other processes may share the database and the store (PostgreSQL)."""
-        return not self.db.is_sqlite
+        """True when other processes may share the database and the store: PostgreSQL, or
+        one role of several processes on one machine's SQLite."""
+        return not self.db.is_sqlite or self.role is not Role.ALL
 
     def recover(self) -> None:
         """Start-up recovery: schema, partial files, orphans, stale leases."""
@@ -210,7 +211,7 @@ class Service:
         if self.role.runs(Role.WORKER):
             for i in range(self.config.inference.workers):
                 a = Analyzer(self.config, self.db, self.store, self.metrics,
-                             name=f"{self.name}/worker-{i}")
+                             name=f"{self.name}/worker-{i}", tune_thread=True)
                 loops.append((f"worker-{i}", a.run_once, 0.5))
         if self.role.runs(Role.SENDER) and self.config.destinations:
             snd = Sender(self.config, self.db, self.store, self.metrics,

@@ -9,6 +9,7 @@ destination. A worker that lost its lease publishes nothing.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -66,6 +67,23 @@ class Analyzer:
     metrics: Metrics
     name: str = "worker"
     _predictors: dict[str, Any] = field(default_factory=dict)
+    tune_thread: bool = False  # the service sets it: lower priority, capped CPU threads
+    _prepared: bool = False
+
+    def _prepare_thread(self) -> None:
+        """Once, in the worker's own thread: lower its priority (the model's CPU threads,
+        created from it, inherit that) and cap the model's CPU threads."""
+        self._prepared = True
+        cfg = self.config.inference
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), cfg.nice)
+        except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run as is
+            log.debug("could not set the worker's niceness: %s", exc)
+        import torch
+
+        threads = cfg.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
     def predictor(self, ref: models.ModelRef) -> Any:
         """The loaded model for ``ref`` (loaded once, kept for later jobs)."""
@@ -86,6 +104,8 @@ class Analyzer:
 
     def run_once(self) -> bool:
         """Claim and process one ANALYZE job; False when none was due."""
+        if self.tune_thread and not self._prepared:
+            self._prepare_thread()
         with self.db.write() as s:
             job = jobs.claim(s, JobKind.ANALYZE, self.name)
         if job is None:

@@ -120,7 +120,8 @@ class FileStore:
             yield p.relative_to(self.root).as_posix()
 
     def clean_tmp(self, shared: bool = False) -> int:
-        """Remove partial writes left by a crash; returns how many.
+        """Remove partial writes left by a crash; returns how many. Call it at start-up, before
+        this process writes anything.
 
         With ``shared`` (a store that processes on other hosts write to as well), only this
         host's partial files whose process is gone are removed at once; another host's only
@@ -141,7 +142,7 @@ def _abandoned(part: Path) -> bool:
     if len(fields) == 3 and fields[0] == _HOST and fields[1].isdigit():
         pid = int(fields[1])
         if pid == os.getpid():
-            return False
+            return True  # an earlier process that had our pid (a container's pid 1): not us yet
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

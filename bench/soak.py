@@ -1,0 +1,207 @@
+"""Receiving while the model runs, and memory over a long run, with the demo model loaded.
+
+    python bench/soak.py [--rounds 2] [--batches 10] [--json]
+
+``aidnode serve`` runs as a subprocess with one worker on the CPU and the demo model (or an
+untrained package of the same architecture when var/models/demo is not built). Its rule analyses
+CT series whose description is ``ANALYSE``; other CT series are only stored.
+
+1. **Receiving while analysing.** Each round sends 300 CT instances (512x512) over one
+   association (dcmtk ``storescu``, TCP_NODELAY=1) twice: once with the worker idle, and once
+   while the worker analyses a 600-slice series queued just before (the send starts when its job
+   is RUNNING; the round says whether the job was still running when the send ended). Target:
+   the second rate is no more than 10% below the first. Measured twice: one ``--role all``
+   process, and a ``--role receiver`` plus a ``--role worker`` process on the same SQLite.
+2. **Memory over a long run.** ``--batches`` x 300 CT instances (3000 by default), each batch a
+   new study that is analysed (so the model is loaded and runs throughout), over one
+   association per batch. VmRSS of the process is read after every batch; target: under
+   1.5 GB, and flat (the last batch within 10% of the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+# bench/ is on the path already when a script runs; common.py then puts the repository first,
+# so that the ``inference`` package wins over bench/inference.py.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+
+from common import (
+    RSSSampler,
+    aidnode_serve,
+    fmt,
+    machine,
+    median,
+    print_machine,
+    rss_kib,
+    wait_until,
+)
+from e2e import model_package
+
+from tests.dicomgen import ct_series, write_all
+from tests.peers import _stop, storescu
+
+ANALYSE = "ANALYSE"
+SEND_TIMEOUT_S = 600.0
+
+
+def _series(folder: Path, n: int, size: int, description: str, seed: int) -> list[Path]:
+    datasets = ct_series(n, rows=size, cols=size, seed=seed)
+    for ds in datasets:
+        ds.SeriesDescription = description
+    return write_all(datasets, folder)
+
+
+def _send(node: Any, files: list[Path]) -> float:
+    started = time.perf_counter()
+    done = storescu(node.host, node.port, files, called_aet=node.ae_title, timeout=SEND_TIMEOUT_S,
+                    extra_args=["-x="])
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"storescu exited {done.returncode}: {done.stderr[-500:]}")
+    return seconds
+
+
+def _job_states(node: Any) -> list[str]:
+    return [r[0] for r in node.query("SELECT status FROM jobs WHERE kind = 'ANALYZE'")]
+
+
+@contextmanager
+def _worker_process(node: Any) -> Iterator[None]:
+    """``aidnode serve --role worker`` on the receiver's config (one machine, one SQLite)."""
+    log = (node.folder / "worker.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", "from node.cli import main; main()", "-c",
+                             str(node.folder / "config.toml"), "serve", "--role", "worker"],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def while_analysing(tmp: Path, model: Path, rounds: int, split: bool) -> list[dict[str, Any]]:
+    rule = [{"name": "ct", "model": str(model),
+             "match": {"modality": ["CT"], "series_description": ANALYSE}}]
+    out = []
+    with aidnode_serve(tmp / f"node-a{'-split' if split else ''}", rules=rule,
+                       role="receiver" if split else "all",
+                       inference={"workers": 1, "models_dir": "models"},
+                       assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
+            (_worker_process(node) if split else nullcontext()):
+        for rnd in range(1, rounds + 1):
+            idle_files = _series(tmp / f"idle-{rnd}", 300, 512, "STORE ONLY", seed=10 + rnd)
+            busy_files = _series(tmp / f"busy-{rnd}", 300, 512, "STORE ONLY", seed=20 + rnd)
+            heavy = _series(tmp / f"heavy-{rnd}", 600, 256, ANALYSE, seed=30 + rnd)
+            idle_s = _send(node, idle_files)
+            before = len(_job_states(node))
+            _send(node, heavy)
+            if not wait_until(lambda n=before: "RUNNING" in _job_states(node)[n:], 120, 0.05):
+                raise SystemExit("the analysis job never started")
+            busy_s = _send(node, busy_files)
+            still_running = "RUNNING" in _job_states(node)[before:]
+            wait_until(lambda: "RUNNING" not in _job_states(node)
+                       and "QUEUED" not in _job_states(node), 900, 0.5)
+            r = {"round": rnd, "layout": "split" if split else "all",
+                 "idle_images_per_s": 300 / idle_s,
+                 "analysing_images_per_s": 300 / busy_s, "analysis_overlapped": still_running}
+            r["drop_percent"] = 100 * (1 - r["analysing_images_per_s"] / r["idle_images_per_s"])
+            print(f"  {'two processes' if split else 'one process'}, round {rnd}: idle {r['idle_images_per_s']:.1f}, while analysing "
+                  f"{r['analysing_images_per_s']:.1f} images/s ({r['drop_percent']:.0f}% lower; "
+                  f"analysis {'overlapped the whole send' if still_running else 'ENDED EARLY'})",
+                  flush=True)
+            out.append(r)
+    return out
+
+
+def long_run(tmp: Path, model: Path, batches: int) -> dict[str, Any]:
+    rule = [{"name": "ct", "model": str(model), "match": {"modality": ["CT"]}}]
+    after: list[float] = []
+    with aidnode_serve(tmp / "node-b", rules=rule,
+                       inference={"workers": 1, "models_dir": "models"},
+                       assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
+            RSSSampler(node.proc.pid, interval_s=0.5) as sampler:
+        started = time.perf_counter()
+        for b in range(batches):
+            folder = tmp / f"long-{b}"
+            files = _series(folder, 300, 512, "LONG RUN", seed=100 + b)
+            _send(node, files)
+            for f in files:
+                f.unlink()
+            folder.rmdir()
+            wait_until(lambda n=b + 1: "QUEUED" not in _job_states(node)
+                       and "RUNNING" not in _job_states(node)
+                       and len(_job_states(node)) == n, 900, 0.5)
+            kib = rss_kib(node.proc.pid) or 0
+            after.append(kib / 1024)
+            print(f"  batch {b + 1}/{batches}: {300 * (b + 1)} instances, RSS {kib / 1024:.0f} MiB",
+                  flush=True)
+        seconds = time.perf_counter() - started
+        stored = node.instance_count()
+        results = node.query("SELECT count(*) FROM results")[0][0]
+    return {"instances": stored, "studies_analysed": results, "seconds": seconds,
+            "rss_after_batch_mib": [round(x, 1) for x in after],
+            "peak_rss_mib": round(sampler.peak_kib / 1024, 1),
+            "growth_percent": 100 * (after[-1] / after[0] - 1) if after else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    report: dict[str, Any] = {"machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="aidnode-soak-") as tmpdir:
+        tmp = Path(tmpdir)
+        model, note = model_package(tmp)
+        report["model"] = note
+        print(f"model: {note}")
+        print("receiving while analysing:")
+        report["while_analysing"] = while_analysing(tmp, model, args.rounds, split=False)
+        report["while_analysing_split"] = while_analysing(tmp, model, args.rounds, split=True)
+        if not args.skip_long:
+            print("long run:")
+            report["long_run"] = long_run(tmp, model, args.batches)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print()
+    print_machine(report["machine"])
+    print("\n| measure | value | target | met |\n|---|---|---|---|")
+    for key, layout in (("while_analysing", "one process (--role all)"),
+                        ("while_analysing_split", "receiver and worker processes")):
+        rows = report[key]
+        idle = median([r["idle_images_per_s"] for r in rows])
+        busy = median([r["analysing_images_per_s"] for r in rows])
+        drop = 100 * (1 - busy / idle) if idle and busy else None
+        met = "yes" if drop is not None and drop <= 10 else "NO"
+        print(f"| {layout}: receiving, worker idle (images/s, median of {len(rows)}) | "
+              f"{fmt(idle)} | | |")
+        print(f"| {layout}: receiving while the worker analyses on the CPU | {fmt(busy)} | | |")
+        print(f"| {layout}: drop | {fmt(drop)}% | <= 10% | {met} |")
+    if "long_run" in report:
+        lr = report["long_run"]
+        print(f"| instances stored / studies analysed in the long run | {lr['instances']} / "
+              f"{lr['studies_analysed']} | | |")
+        print(f"| peak RSS of aidnode serve with the model (MiB) | {lr['peak_rss_mib']} | < 1536 | "
+              f"{'yes' if lr['peak_rss_mib'] < 1536 else 'NO'} |")
+        print(f"| RSS after the first / last batch (MiB) | {lr['rss_after_batch_mib'][0]} / "
+              f"{lr['rss_after_batch_mib'][-1]} | flat (<= 10% growth) | "
+              f"{'yes' if lr['growth_percent'] <= 10 else 'NO'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
