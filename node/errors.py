@@ -48,3 +48,7 @@ class InvalidDatasetError(NodeError):
 
 class UIDMismatchError(NodeError):
     """The dataset's SOP Class/Instance UID differs from the C-STORE command's."""
+
+
+class DatasetTooLargeError(InvalidDatasetError):
+    """A received data set, or its inflated form, is larger than ``node.max_dataset_bytes``."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import socket
 import threading
 import time
@@ -18,13 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.exc import IntegrityError
 
 from node.config import Config, PeerConfig
-from node.errors import InvalidDatasetError, UIDMismatchError
+from node.errors import DatasetTooLargeError, InvalidDatasetError
+from node.guards import check_complete, check_dataset, check_inflated_size
 from node.listeners import ReceiverServer, serve
 from node.logging import clean
 from node.metrics import Metrics
@@ -41,7 +42,6 @@ from storage.files import FileStore
 
 log = logging.getLogger(__name__)
 
-UID_SYNTAX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1
 PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix before the file meta
 
 
@@ -51,10 +51,6 @@ def configure_pynetdicom() -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
-def valid_uid(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID_SYNTAX.match(value))
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -192,36 +188,6 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
     return clean(value)[:limit]
 
 
-def check_dataset(ds: Dataset, request: Any, max_pixel_bytes: int) -> None:
-    """Validate what a C-STORE carries; raises InvalidDatasetError or UIDMismatchError."""
-    try:
-        sop_class, sop_uid = ds.SOPClassUID, ds.SOPInstanceUID
-        study_uid, series_uid = ds.StudyInstanceUID, ds.SeriesInstanceUID
-    except AttributeError as exc:
-        raise InvalidDatasetError(f"required UID missing: {exc}") from exc
-    except Exception as exc:  # pydicom decodes lazily: a broken element fails here
-        raise InvalidDatasetError(f"dataset cannot be decoded: {exc}") from exc
-    for name, value in (("SOPClassUID", sop_class), ("SOPInstanceUID", sop_uid),
-                        ("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
-        if not valid_uid(value):
-            raise InvalidDatasetError(f"{name} is not a valid UID")
-    if sop_uid != request.AffectedSOPInstanceUID:
-        raise UIDMismatchError("SOP Instance UID differs from the command's")
-    if sop_class != request.AffectedSOPClassUID:
-        raise UIDMismatchError("SOP Class UID differs from the command's")
-    if "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-        from inference.pixels import check_size  # the same guard the model applies
-
-        try:
-            check_size(ds, max_pixel_bytes)
-        except Exception as exc:
-            from inference.errors import ImageTooLargeError
-
-            if isinstance(exc, ImageTooLargeError):
-                raise
-            raise InvalidDatasetError(f"image attributes are invalid: {exc}") from exc
-
-
 def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
     """Store one instance durably, then answer (DESIGN §2 step 2, §5)."""
     started = time.perf_counter()
@@ -229,13 +195,20 @@ def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
     stored_path: str | None = None
     try:
         raw = event.encoded_dataset(include_meta=False)
-        if len(raw) > rx.config.node.max_dataset_bytes:
-            raise InvalidDatasetError("dataset is larger than node.max_dataset_bytes")
+        limit = rx.config.node.max_dataset_bytes
+        if len(raw) > limit:
+            raise DatasetTooLargeError(f"dataset is larger than node.max_dataset_bytes ({limit})")
+        syntax = event.context.transfer_syntax
+        if syntax == DeflatedExplicitVRLittleEndian:
+            check_inflated_size(raw, limit)  # before pynetdicom inflates it all at once
+        else:
+            check_complete(raw, syntax.is_implicit_VR, syntax.is_little_endian)
         try:
             ds = event.dataset
         except Exception as exc:
             raise InvalidDatasetError(f"dataset cannot be decoded: {exc}") from exc
-        check_dataset(ds, event.request, rx.config.node.max_pixel_bytes)
+        check_dataset(ds, event.request, rx.config.node.max_pixel_bytes,
+                      str(event.context.abstract_syntax))
         meta = catalog.InstanceMeta(
             study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
             sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,

@@ -8,7 +8,12 @@ from __future__ import annotations
 from enum import IntEnum
 
 from inference.errors import ImageTooLargeError
-from node.errors import InvalidDatasetError, NodeError, UIDMismatchError
+from node.errors import (
+    DatasetTooLargeError,
+    InvalidDatasetError,
+    NodeError,
+    UIDMismatchError,
+)
 from storage.errors import DatabaseUnavailableError, OutOfSpaceError, StoreWriteError
 
 
@@ -23,8 +28,14 @@ class Status(IntEnum):
 
 
 #: failure -> the status the C-STORE handler answers. The first matching class wins.
+#:
+#: A data set over one of our size limits (``node.max_dataset_bytes``, also checked on the
+#: inflated size of a deflated data set, and ``node.max_pixel_bytes``, Rows x Columns x frames x
+#: samples x bytes, checked before any decode) is A700 Refused: Out of Resources (PS3.4 B.2.3),
+#: not C210 Cannot Understand: it may be valid, only too large for this node.
 EXCEPTION_STATUS: tuple[tuple[type[BaseException], Status], ...] = (
     (UIDMismatchError, Status.ERROR_DATASET_MISMATCH),
+    (DatasetTooLargeError, Status.REFUSED_OUT_OF_RESOURCES),
     (InvalidDatasetError, Status.ERROR_CANNOT_UNDERSTAND),
     (ImageTooLargeError, Status.REFUSED_OUT_OF_RESOURCES),
     (OutOfSpaceError, Status.REFUSED_OUT_OF_RESOURCES),
