@@ -22,9 +22,9 @@ from node.config import load_config
 from node.errors import ConfigError
 from node.status import REJECT_TOO_MANY, Status
 from tests.conftest import NODE_AE, RunningNode
-from tests.dicomgen import ct_series
+from tests.dicomgen import ct_series, write_all
 from tests.integration.test_receiver import assert_consistent, rejection, send
-from tests.peers import free_port, wait_for
+from tests.peers import free_port, storescu, wait_for
 from tests.tlsgen import make_ca, make_cert, make_pki
 
 NodeFactory = Callable[..., RunningNode]
@@ -267,3 +267,19 @@ def test_the_tls_listener_logs_where_it_listens(node_service: NodeFactory, pki: 
     node = node_service(node={"tls": tls_table(pki)})
     assert any(f"DICOM TLS on 127.0.0.1:{tls_port(node)} (TLS >= 1.2, client certificates "
                "required)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.integration
+def test_dcmtk_storescu_stores_over_mutual_tls(node_service: NodeFactory, pki: Path,
+                                               tmp_path: Path) -> None:
+    node = node_service(node={"tls": tls_table(pki)})
+    series = ct_series(3, rows=16, cols=16)
+    write_all(series, tmp_path / "send")
+
+    done = storescu(node.host, tls_port(node), [tmp_path / "send"], called_aet=NODE_AE,
+                    extra_args=["+tls", str(pki / "client.key"), str(pki / "client.pem"),
+                                "+cf", str(pki / "ca.pem")])
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(node.instance_paths()) == {ds.SOPInstanceUID for ds in series}
+    assert_consistent(node)
