@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ PURGE_INTERVAL_S = 3600.0  # retention runs at start-up and then hourly
 #: On a store shared with other processes, a file with no row is removed only when this old: a
 #: receiver elsewhere may be between its rename and its commit.
 SHARED_ORPHAN_AGE_S = 600.0
+GIL_SWITCH_S = 0.0005  # bench/soak.py: receiving while analysing, 49.6 -> 70.2 images/s
 
 
 class Role(StrEnum):
@@ -209,6 +211,10 @@ class Service:
             self.server = start(rx, host, port)
             loops.append(("assembler", self._assemble, self.config.assembly.check_interval_s))
         if self.role.runs(Role.WORKER):
+            if self.role is Role.ALL and self.config.inference.workers:
+                # The receiver and the model share one interpreter: hand the GIL over every
+                # 0.5 ms instead of 5 ms, so a C-STORE waits less behind the model's Python.
+                sys.setswitchinterval(GIL_SWITCH_S)
             for i in range(self.config.inference.workers):
                 a = Analyzer(self.config, self.db, self.store, self.metrics,
                              name=f"{self.name}/worker-{i}", tune_thread=True)

@@ -4,18 +4,21 @@
 that receives a new instance goes back to RECEIVING (it grew), so the assembler looks at it again.
 
 Several receivers may share one PostgreSQL database: a study or series row is created with
-``INSERT ... ON CONFLICT DO NOTHING`` and then locked ``FOR UPDATE`` before its counters change,
-so two associations adding to the same study serialise on that row instead of losing an update
-or failing on the unique key. (On SQLite the writer's BEGIN IMMEDIATE already serialises them.)
+``INSERT ... ON CONFLICT DO NOTHING``, and its counters are bumped with ``UPDATE ... SET n = n + 1
+RETURNING id``, which takes the row lock and reads the id in one statement; so two associations
+adding to the same study serialise on that row instead of losing an update or failing on the
+unique key. (On SQLite the writer's BEGIN IMMEDIATE already serialises them.) Core statements,
+not ORM objects: this runs once per received instance.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -63,42 +66,47 @@ def _insert_ignore(s: Session, model: Any, key: str, values: dict[str, Any]) -> 
     s.execute(dialect.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
 
 
-def _locked(s: Session, model: Any, column: Any, value: str) -> Any:
-    return s.execute(select(model).where(column == value).with_for_update()
-                     .execution_options(populate_existing=True)).scalar_one_or_none()
+def _bump_study(s: Session, m: InstanceMeta, now: datetime) -> int | None:
+    """Count one more instance in the study (back to RECEIVING: it grew); its id, or None when
+    it does not exist yet. The UPDATE locks the row until the commit."""
+    return s.execute(
+        update(Study).where(Study.study_instance_uid == m.study_uid)
+        .values(instance_count=Study.instance_count + 1, last_received_at=now,
+                state=StudyState.RECEIVING, calling_ae=m.calling_ae, called_ae=m.called_ae,
+                calling_host=m.calling_host)
+        .returning(Study.id)).scalar_one_or_none()
 
 
-def _study(s: Session, m: InstanceMeta) -> Study:
+def _study_id(s: Session, m: InstanceMeta) -> int:
     now = clock.now()
-    study = _locked(s, Study, Study.study_instance_uid, m.study_uid)
-    if study is None:
+    study_id = _bump_study(s, m, now)
+    if study_id is None:
         _insert_ignore(s, Study, "study_instance_uid", {
             "study_instance_uid": m.study_uid, "study_description": m.study_description,
             "state": StudyState.RECEIVING, "instance_count": 0, "first_received_at": now,
             "last_received_at": now})
-        study = _locked(s, Study, Study.study_instance_uid, m.study_uid)
-    assert study is not None
-    study.calling_ae, study.called_ae, study.calling_host = m.calling_ae, m.called_ae, \
-        m.calling_host
-    study.last_received_at = now
-    study.state = StudyState.RECEIVING
-    study.instance_count = (study.instance_count or 0) + 1
-    s.flush()
-    return study
+        study_id = _bump_study(s, m, now)
+    assert study_id is not None
+    return study_id
 
 
-def _series(s: Session, study: Study, m: InstanceMeta) -> Series:
-    series = _locked(s, Series, Series.series_instance_uid, m.series_uid)
-    if series is None:
+def _bump_series(s: Session, m: InstanceMeta) -> int | None:
+    return s.execute(
+        update(Series).where(Series.series_instance_uid == m.series_uid)
+        .values(instance_count=Series.instance_count + 1)
+        .returning(Series.id)).scalar_one_or_none()
+
+
+def _series_id(s: Session, study_id: int, m: InstanceMeta) -> int:
+    series_id = _bump_series(s, m)
+    if series_id is None:
         _insert_ignore(s, Series, "series_instance_uid", {
-            "study_id": study.id, "series_instance_uid": m.series_uid, "modality": m.modality,
+            "study_id": study_id, "series_instance_uid": m.series_uid, "modality": m.modality,
             "body_part": m.body_part, "series_description": m.series_description,
             "sop_class_uid": m.sop_class_uid, "image_type": m.image_type, "instance_count": 0})
-        series = _locked(s, Series, Series.series_instance_uid, m.series_uid)
-    assert series is not None
-    series.instance_count = (series.instance_count or 0) + 1
-    s.flush()
-    return series
+        series_id = _bump_series(s, m)
+    assert series_id is not None
+    return series_id
 
 
 def record_instance(s: Session, m: InstanceMeta, stored: StoredFile,
@@ -109,27 +117,27 @@ def record_instance(s: Session, m: InstanceMeta, stored: StoredFile,
     kept, or the file a replacement displaced), its relative path for the caller to remove
     after the commit.
     """
-    existing = find_instance(s, m.sop_instance_uid)
+    existing = s.execute(select(Instance.id, Instance.sha256, Instance.path, Instance.study_id)
+                         .where(Instance.sop_instance_uid == m.sop_instance_uid)).first()
+    now = clock.now()
     if existing is not None:
         if existing.sha256 == m.sha256:
             return Recorded.DUPLICATE_SAME, stored.path
         if not replace:
             return Recorded.DUPLICATE_DIFFERENT, stored.path
-        old = existing.path
-        existing.path, existing.size, existing.sha256 = stored.path, stored.size, m.sha256
-        existing.transfer_syntax_uid = m.transfer_syntax_uid
-        existing.received_at = clock.now()
-        study = s.get(Study, existing.study_id)
-        if study is not None:
-            study.state, study.last_received_at = StudyState.RECEIVING, clock.now()
-        return Recorded.REPLACED, old
-    study = _study(s, m)
-    series = _series(s, study, m)
-    s.add(Instance(study_id=study.id, series_id=series.id, sop_instance_uid=m.sop_instance_uid,
-                   sop_class_uid=m.sop_class_uid, transfer_syntax_uid=m.transfer_syntax_uid,
-                   path=stored.path, size=stored.size, sha256=m.sha256,
-                   received_at=clock.now(), association_id=m.association_id))
-    s.flush()
+        s.execute(update(Instance).where(Instance.id == existing.id).values(
+            path=stored.path, size=stored.size, sha256=m.sha256,
+            transfer_syntax_uid=m.transfer_syntax_uid, received_at=now))
+        s.execute(update(Study).where(Study.id == existing.study_id).values(
+            state=StudyState.RECEIVING, last_received_at=now))
+        return Recorded.REPLACED, existing.path
+    study_id = _study_id(s, m)
+    series_id = _series_id(s, study_id, m)
+    s.execute(insert(Instance).values(
+        study_id=study_id, series_id=series_id, sop_instance_uid=m.sop_instance_uid,
+        sop_class_uid=m.sop_class_uid, transfer_syntax_uid=m.transfer_syntax_uid,
+        path=stored.path, size=stored.size, sha256=m.sha256, received_at=now,
+        association_id=m.association_id))
     return Recorded.NEW, None
 
 
