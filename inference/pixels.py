@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,8 @@ _GROUP_MACROS = (
     ("FrameVOILUTSequence", _VOI_KEYWORDS),
 )
 # What pydicom's LUT functions raise on malformed LUT attributes.
-_LUT_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError)
+_LUT_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError,
+               struct.error)  # LUT Data shorter than its descriptor says
 _VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _YBR_TO_RGB = ("YBR_FULL", "YBR_FULL_422")  # left as YBR only if a decoder plugin did not convert
 
@@ -233,14 +235,17 @@ def _scaled_extent(length: int, scale: float) -> int:
 
 def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
     """Read an integer attribute that must be positive; PixelDataError otherwise."""
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom converts on first access: e.g. IS "inf" overflows
+        raise PixelDataError(f"image attribute {keyword} cannot be read: {exc}") from exc
     if value is None or value == "":
         if default is None:
             raise PixelDataError(f"image attribute {keyword} is missing")
         return default
     try:
         number = int(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise PixelDataError(f"image attribute {keyword} is not an integer: {value!r}") from exc
     if number <= 0:
         raise PixelDataError(f"image attribute {keyword} must be positive, got {number}")
@@ -257,6 +262,9 @@ def _unit_frame(ds: Dataset, index: int, windowing: Windowing) -> np.ndarray:
             unit = _grey_to_unit(raw, _frame_attributes(ds, index), windowing)
     except _LUT_ERRORS as exc:
         raise PixelDataError(f"cannot apply the LUTs of frame {index + 1}: {exc}") from exc
+    if unit.shape != raw.shape[:2]:  # e.g. a multi-valued Rescale Slope broadcast the frame
+        raise PixelDataError(f"the LUTs of frame {index + 1} turned {raw.shape[:2]} pixels "
+                             f"into {unit.shape}: a multi-valued rescale or window?")
     return np.clip(np.nan_to_num(unit, nan=0.0), 0.0, 1.0).astype(np.float32)
 
 
