@@ -114,6 +114,7 @@ class Service:
     metrics_port: int | None = None
     role: Role = Role.ALL
     name: str = field(default_factory=registry.process_name)  # host:pid
+    wakes: dict[str, threading.Event] = field(default_factory=dict)
     _next_purge: float = 0.0
 
     @property
@@ -152,19 +153,27 @@ class Service:
                         len(orphans))
         return len(orphans)
 
-    def _loop(self, name: str, step: Callable[[], bool], idle_s: float) -> None:
+    def _loop(self, name: str, step: Callable[[], bool], idle_s: float,
+              wake: threading.Event | None = None, then: threading.Event | None = None) -> None:
+        """Run ``step`` until stopped; idle for ``idle_s`` when it found nothing to do, or
+        until ``wake`` is set (work for it was just queued in this process). A busy step sets
+        ``then``, the next stage's wake-up."""
+        wake = wake or threading.Event()
         while not self.stopping.is_set():
             try:
                 busy = step()
             except Exception:
                 log.exception("%s: iteration failed", name)
                 busy = False
+            if busy and then is not None:
+                then.set()
             if not busy:
-                self.stopping.wait(idle_s)
+                wake.wait(idle_s)
+                wake.clear()
 
     def _assemble(self) -> bool:
-        assembly.run_once(self.db, self.config)
-        return False
+        """Decide the stable studies; True when one was queued for analysis."""
+        return any(d.job_id is not None for d in assembly.run_once(self.db, self.config))
 
     def _housekeeping(self) -> bool:
         with self.db.write() as s:
@@ -204,12 +213,17 @@ class Service:
                                                    self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host,
                      self.metrics_port)
-        loops: list[tuple[str, Callable[[], bool], float]] = [
-            ("housekeeping", self._housekeeping, 5.0)]
+        # In one process, a stage that queued work wakes the next at once instead of letting it
+        # find the work at its next poll (other processes still poll).
+        analyze_ready, deliver_ready = self._wake("analyze"), self._wake("deliver")
+        loops: list[tuple[str, Callable[[], bool], float, threading.Event | None,
+                          threading.Event | None]] = [
+            ("housekeeping", self._housekeeping, 5.0, None, None)]
         if self.role.runs(Role.RECEIVER):
             rx = Receiver(self.config, self.db, self.store, self.metrics)
             self.server = start(rx, host, port)
-            loops.append(("assembler", self._assemble, self.config.assembly.check_interval_s))
+            loops.append(("assembler", self._assemble, self.config.assembly.check_interval_s,
+                          None, analyze_ready))
         if self.role.runs(Role.WORKER):
             if self.role is Role.ALL and self.config.inference.workers:
                 # The receiver and the model share one interpreter: hand the GIL over every
@@ -218,17 +232,20 @@ class Service:
             for i in range(self.config.inference.workers):
                 a = Analyzer(self.config, self.db, self.store, self.metrics,
                              name=f"{self.name}/worker-{i}", tune_thread=True)
-                loops.append((f"worker-{i}", a.run_once, 0.5))
+                loops.append((f"worker-{i}", a.run_once, 0.5, analyze_ready, deliver_ready))
         if self.role.runs(Role.SENDER) and self.config.destinations:
             snd = Sender(self.config, self.db, self.store, self.metrics,
                          name=f"{self.name}/sender")
-            loops.append(("sender", snd.run_once, 0.5))
-        for name, step, idle in loops:
-            t = threading.Thread(target=self._loop, args=(name, step, idle), name=name,
-                                 daemon=True)
+            loops.append(("sender", snd.run_once, 0.5, deliver_ready, None))
+        for name, step, idle, wake, then in loops:
+            t = threading.Thread(target=self._loop, args=(name, step, idle, wake, then),
+                                 name=name, daemon=True)
             t.start()
             self.threads.append(t)
         sd_notify("READY=1")
+
+    def _wake(self, stage: str) -> threading.Event:
+        return self.wakes.setdefault(stage, threading.Event())
 
     def alive(self) -> bool:
         return all(t.is_alive() for t in self.threads)
@@ -247,6 +264,8 @@ class Service:
                    and time.monotonic() < deadline):
                 time.sleep(0.05)
         self.stopping.set()
+        for ev in self.wakes.values():
+            ev.set()
         for t in self.threads:
             t.join(timeout=max(0.1, grace_s))
         try:
