@@ -180,7 +180,10 @@ def handle_echo(event: evt.Event) -> int:
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom decodes lazily: a broken element fails here, 0xC210
+        raise InvalidDatasetError(f"{keyword} cannot be decoded: {exc}") from exc
     if value is None or value == "":
         return None
     if not isinstance(value, str):
