@@ -84,6 +84,8 @@ def queue_run(cluster: PgCluster, template: str, n_jobs: int, workers: int) -> d
     for p in procs:
         p.join()
     seconds = time.perf_counter() - t0
+    if any(p.exitcode != 0 for p in procs):
+        raise SystemExit(f"a queue worker failed: exit codes {[p.exitcode for p in procs]}")
     with db.read() as s:
         claims = list(s.execute(select(JobEvent.job_id, func.count()).where(
             JobEvent.to_status == JobStatus.RUNNING).group_by(JobEvent.job_id)))

@@ -115,6 +115,7 @@ class Service:
     role: Role = Role.ALL
     name: str = field(default_factory=registry.process_name)  # host:pid
     wakes: dict[str, threading.Event] = field(default_factory=dict)
+    _switch_interval: float | None = None
     _next_purge: float = 0.0
 
     @property
@@ -158,7 +159,7 @@ class Service:
         """Run ``step`` until stopped; idle for ``idle_s`` when it found nothing to do, or
         until ``wake`` is set (work for it was just queued in this process). A busy step sets
         ``then``, the next stage's wake-up."""
-        wake = wake or threading.Event()
+        wake = wake or self._wake(name)  # stop() sets every wake-up
         while not self.stopping.is_set():
             try:
                 busy = step()
@@ -175,10 +176,14 @@ class Service:
         """Decide the stable studies; True when one was queued for analysis."""
         return any(d.job_id is not None for d in assembly.run_once(self.db, self.config))
 
-    def _housekeeping(self) -> bool:
+    def _heartbeat(self) -> bool:
+        """Renew this process's registry row (its own loop: a long purge must not stall it)."""
         with self.db.write() as s:
             if not registry.heartbeat(s, self.name):  # removed as stale while we were paused
                 registry.register(s, self.name, self.role.value, aidnode_version())
+        return False
+
+    def _housekeeping(self) -> bool:
         with self.db.write() as s:
             jobs.requeue_stale(s, self.config.inference.lease_s)
         self.update_gauges()
@@ -218,6 +223,7 @@ class Service:
         analyze_ready, deliver_ready = self._wake("analyze"), self._wake("deliver")
         loops: list[tuple[str, Callable[[], bool], float, threading.Event | None,
                           threading.Event | None]] = [
+            ("heartbeat", self._heartbeat, registry.HEARTBEAT_S, None, None),
             ("housekeeping", self._housekeeping, 5.0, None, None)]
         if self.role.runs(Role.RECEIVER):
             rx = Receiver(self.config, self.db, self.store, self.metrics)
@@ -228,6 +234,7 @@ class Service:
             if self.role is Role.ALL and self.config.inference.workers:
                 # The receiver and the model share one interpreter: hand the GIL over every
                 # 0.5 ms instead of 5 ms, so a C-STORE waits less behind the model's Python.
+                self._switch_interval = sys.getswitchinterval()
                 sys.setswitchinterval(GIL_SWITCH_S)
             for i in range(self.config.inference.workers):
                 a = Analyzer(self.config, self.db, self.store, self.metrics,
@@ -274,6 +281,8 @@ class Service:
         except Exception:  # the row goes stale instead; nothing is lost
             log.warning("could not remove %s from the registry", self.name, exc_info=True)
         self.db.dispose()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
         log.info("stopped")
 
     def run_forever(self) -> int:

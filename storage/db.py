@@ -71,6 +71,11 @@ class Database:
                                      expire_on_commit=False)
         self._readers = sessionmaker(self.engine.execution_options(aidnode_begin="DEFERRED"),
                                      expire_on_commit=False)
+        # SQLite's read transaction is a snapshot already; PostgreSQL's needs REPEATABLE READ.
+        self._snapshots = sessionmaker(
+            self.engine.execution_options(isolation_level="REPEATABLE READ")
+            if self.is_postgresql else self.engine.execution_options(aidnode_begin="DEFERRED"),
+            expire_on_commit=False)
 
     @staticmethod
     def _begin(conn: Any) -> None:
@@ -103,6 +108,12 @@ class Database:
     def read(self) -> Iterator[Session]:
         """A session for reading; rolled back at the end."""
         with self._session(self._readers, commit=False) as s:
+            yield s
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read session that sees one consistent state of the whole database throughout."""
+        with self._session(self._snapshots, commit=False) as s:
             yield s
 
     @contextmanager

@@ -23,6 +23,17 @@ from storage.faults import crash_point
 
 _KINDS = ("instances", "results")
 _HOST = socket.gethostname()
+
+
+def _pid_namespace() -> int:
+    """The pid namespace's inode: two containers may share a host name, never a namespace."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+_PIDNS = _pid_namespace()
 #: On a store several hosts share, another host's partial write is removed only this late.
 FOREIGN_TMP_AGE_S = 3600.0
 
@@ -71,7 +82,8 @@ class FileStore:
         name = uuid.uuid4().hex
         rel = Path(kind) / name[:2] / name[2:4] / f"{name}.dcm"
         final = self.root / rel
-        tmp = self.tmp / f"{_HOST}.{os.getpid()}.{name}.part"  # whose partial write this is
+        # Whose partial write this is: host, pid namespace, pid.
+        tmp = self.tmp / f"{_HOST}.{_PIDNS}.{os.getpid()}.{name}.part"
         size = 0
         try:
             with open(tmp, "xb") as fh:
@@ -138,9 +150,10 @@ class FileStore:
 
 def _abandoned(part: Path) -> bool:
     """True when the process that was writing ``part`` cannot still be writing it."""
-    fields = part.name[:-len(".part")].rsplit(".", 2)  # host (may hold dots), pid, uuid
-    if len(fields) == 3 and fields[0] == _HOST and fields[1].isdigit():
-        pid = int(fields[1])
+    fields = part.name[:-len(".part")].rsplit(".", 3)  # host (may hold dots), pidns, pid, uuid
+    if (len(fields) == 4 and fields[0] == _HOST and fields[1] == str(_PIDNS)
+            and fields[2].isdigit()):
+        pid = int(fields[2])
         if pid == os.getpid():
             return True  # an earlier process that had our pid (a container's pid 1): not us yet
         try:
@@ -148,8 +161,8 @@ def _abandoned(part: Path) -> bool:
         except ProcessLookupError:
             return True
         except PermissionError:
-            return False  # alive, someone else's
-        return False
+            pass  # alive, someone else's
+        # Alive: it is the writer, or a later process that got its pid; only age tells.
     try:
         return time.time() - part.stat().st_mtime > FOREIGN_TMP_AGE_S
     except FileNotFoundError:

@@ -1,8 +1,9 @@
 """Copy a whole aidnode database into another, e.g. a SQLite node's onto PostgreSQL.
 
 The target gets the schema by migration, must hold no rows, and receives every table in
-foreign-key order inside one transaction: either everything arrives or nothing does. The source
-is read in one transaction, a consistent snapshot. Ids are kept, so file paths, job history and
+foreign-key order inside one transaction, whose row counts are checked before it commits: either
+everything arrives or nothing does. The source is read in one snapshot (REPEATABLE READ on
+PostgreSQL). Ids are kept, so file paths, job history and
 result links stay as they were; PostgreSQL's id sequences are moved past the copied ids. The
 registry of running processes is not copied (those processes belong to the old database).
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Column, Table, func, select, text, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from storage.db import Database
 from storage.errors import StorageError
@@ -43,10 +45,14 @@ def _self_refs(table: Table) -> list[Column[object]]:
     return [c for c in table.columns if any(fk.column.table is table for fk in c.foreign_keys)]
 
 
+def _counts(s: Session) -> dict[str, int]:
+    return {t.name: s.execute(select(func.count()).select_from(t)).scalar_one()
+            for t in _tables()}
+
+
 def count_rows(db: Database) -> dict[str, int]:
     with db.read() as s:
-        return {t.name: s.execute(select(func.count()).select_from(t)).scalar_one()
-                for t in _tables()}
+        return _counts(s)
 
 
 def copy_database(source: Database, target: Database,
@@ -64,8 +70,8 @@ def copy_database(source: Database, target: Database,
             "the target database already holds data (" +
             ", ".join(f"{t}: {n}" for t, n in nonempty.items()) +
             "); migrate into an empty database")
-    totals = count_rows(source)
-    with source.read() as src, target.write() as dst:
+    with source.snapshot() as src, target.write() as dst:
+        totals = _counts(src)
         for table in _tables():
             refs = _self_refs(table)
             pk = list(table.primary_key.columns)
@@ -93,10 +99,10 @@ def copy_database(source: Database, target: Database,
                 dst.execute(text(
                     f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
                     f"COALESCE(MAX(id), 1), MAX(id) IS NOT NULL) FROM {table.name}"))
-    copied = count_rows(target)
-    report = [TableCopy(t, totals[t], copied[t]) for t in totals]
-    short = [c for c in report if c.source_rows != c.target_rows]
-    if short:
-        raise MigrationTargetError("row counts differ after the copy: " + ", ".join(
-            f"{c.table} {c.source_rows} -> {c.target_rows}" for c in short))
+        copied = _counts(dst)  # checked before the commit: a short copy leaves nothing
+        report = [TableCopy(t, totals[t], copied[t]) for t in totals]
+        short = [c for c in report if c.source_rows != c.target_rows]
+        if short:
+            raise MigrationTargetError("row counts differ after the copy: " + ", ".join(
+                f"{c.table} {c.source_rows} -> {c.target_rows}" for c in short))
     return report

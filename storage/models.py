@@ -121,7 +121,7 @@ class Job(Base):
     run_after: Mapped[datetime]
     lease_token: Mapped[str | None] = mapped_column(String(36))
     heartbeat_at: Mapped[datetime | None]
-    worker: Mapped[str | None] = mapped_column(String(128))
+    worker: Mapped[str | None] = mapped_column(String(320))  # host:pid/worker-N
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
@@ -211,7 +211,7 @@ class ServiceNode(Base):
     __tablename__ = "service_nodes"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True)  # host:pid, prefix of job.worker
+    name: Mapped[str] = mapped_column(String(300), unique=True)  # host:pid, prefix of job.worker
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(16))

@@ -5,6 +5,9 @@ names it writes on the jobs it claims, so "jobs in hand" is a count of RUNNING j
 prefix), renews its heartbeat from the housekeeping loop and removes its row when it stops. A row
 whose heartbeat is older than ``STALE_AFTER_S`` is shown as stale; its jobs are re-queued by the
 lease check like any other stopped worker's.
+
+Heartbeats and lease checks compare times written by different hosts: keep their clocks in step
+(NTP), as any cluster must; a skew near ``inference.lease_s`` re-queues live jobs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from sqlalchemy.orm import Session
 from storage import clock
 from storage.models import Job, JobStatus, ServiceNode
 
-STALE_AFTER_S = 30.0  # three missed heartbeats of the 5 s housekeeping loop, and some slack
+HEARTBEAT_S = 5.0  # how often a running process renews its row
+STALE_AFTER_S = 30.0  # six missed heartbeats
 FORGET_AFTER = timedelta(days=1)  # stale rows are dropped after this
 
 
@@ -66,6 +70,7 @@ def heartbeat(s: Session, name: str) -> bool:
 
 
 def deregister(s: Session, name: str) -> None:
+    """Remove this process's row (a clean stop)."""
     s.execute(delete(ServiceNode).where(ServiceNode.name == name))
 
 
@@ -88,4 +93,5 @@ def nodes(s: Session) -> list[NodeView]:
 
 
 def live(s: Session) -> list[NodeView]:
+    """The registered processes whose heartbeat is recent."""
     return [n for n in nodes(s) if not n.stale]

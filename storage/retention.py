@@ -37,7 +37,9 @@ def purge(db: Database, store: FileStore, older_than_days: float,
     cutoff = clock.now() - timedelta(days=older_than_days)
     for study_id in candidates(db, older_than_days):
         with db.write() as s:
-            study = s.get(Study, study_id)
+            # Locked: a receiver adding to this study waits for the purge, or the purge (which
+            # waits for that receiver's commit) reads the new last_received_at and skips it.
+            study = s.get(Study, study_id, with_for_update=True, populate_existing=True)
             if study is None or study.last_received_at >= cutoff:
                 continue  # an instance arrived since the candidates were read
             live = s.execute(select(Job.id).where(

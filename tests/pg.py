@@ -96,6 +96,13 @@ def pg_cluster(*, fsync: bool = False, max_connections: int = 200) -> Iterator[P
         os.chown(base, pw.pw_uid, pw.pw_gid)
     port = free_port()
     env = {**os.environ, "LC_ALL": "C", "TZ": "UTC"}
+
+    def stop() -> None:
+        subprocess.run([str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "-w",
+                        "stop"], check=False, capture_output=True, preexec_fn=preexec, env=env,
+                       timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
     try:
         subprocess.run([str(bindir / "initdb"), "-D", str(datadir), "-U", role,
                         "--auth=trust", "-E", "UTF8", "--no-instructions"],
@@ -108,15 +115,12 @@ def pg_cluster(*, fsync: bool = False, max_connections: int = 200) -> Iterator[P
                         "-o", " ".join(opts), "-w", "-t", str(START_TIMEOUT_S), "start"],
                        check=True, capture_output=True, preexec_fn=preexec, env=env,
                        timeout=START_TIMEOUT_S + 10)
-    except subprocess.CalledProcessError as exc:
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         log = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
-        shutil.rmtree(base, ignore_errors=True)
-        raise RuntimeError(f"PostgreSQL did not start: {exc.stderr.decode(errors='replace')}"
-                           f"\n{log}") from exc
+        out = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        stop()
+        raise RuntimeError(f"PostgreSQL did not start: {out}\n{log}") from exc
     try:
         yield PgCluster(host=LOOPBACK, port=port, user=role, datadir=datadir)
     finally:
-        subprocess.run([str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "-w",
-                        "stop"], check=False, capture_output=True, preexec_fn=preexec, env=env,
-                       timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+        stop()

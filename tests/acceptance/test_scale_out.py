@@ -29,7 +29,7 @@ from tests.peers import _tail, free_port, storescu, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STUDIES = 30
-LEASE_S = 4.0
+LEASE_S = 10.0  # long enough that a busy 2-core machine never lets a live lease lapse
 
 
 @contextmanager
@@ -100,8 +100,8 @@ def test_one_receiver_three_workers_analyse_each_study_once(
                 == STUDIES
 
             def all_analysed() -> bool:
-                for w in workers[1:]:
-                    assert w.poll() is None, _tail(logs / "worker-1.log")
+                for i, w in enumerate(workers[1:], 1):
+                    assert w.poll() is None, _tail(logs / f"worker-{i}.log")
                 with db.read() as s:
                     return s.execute(select(func.count()).select_from(Job).where(
                         Job.kind == JobKind.ANALYZE, Job.status == JobStatus.SUCCEEDED)

@@ -173,3 +173,15 @@ def test_postgresql_row_lock_held_past_the_timeout_is_database_unavailable(
     finally:
         first.dispose()
         second.dispose()
+
+
+def test_the_migrations_build_exactly_the_models(db: Database) -> None:
+    """Alembic's autogenerate finds nothing to add, drop or retype after every migration."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from storage.models import Base
+
+    with db.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(ctx, Base.metadata) == []

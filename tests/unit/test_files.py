@@ -176,8 +176,9 @@ def test_store_creates_its_folders(tmp_path: Path) -> None:
 
 
 def test_clean_tmp_on_a_shared_store_spares_live_writers(store: FileStore) -> None:
-    """On a store other processes write to, only partial files whose writer is gone (a dead pid
-    on this host, or another host's file older than an hour) are removed at start-up."""
+    """On a store other processes write to, only partial files whose writer is gone are removed
+    at start-up: a dead pid in our pid namespace on this host, or anything older than an hour
+    (another host's, another container's, or a pid since reused)."""
     import os
     import socket
     import time
@@ -185,19 +186,22 @@ def test_clean_tmp_on_a_shared_store_spares_live_writers(store: FileStore) -> No
     from storage import files
 
     dead = _dead_pid()
-    host = socket.gethostname()
-    mine_dead = store.tmp / f"{host}.{dead}.aa.part"
-    mine_live = store.tmp / f"{host}.{os.getppid()}.bb.part"  # the parent is alive
-    other_new = store.tmp / "scanner-host.1234.cc.part"
-    other_old = store.tmp / "scanner-host.1234.dd.part"
-    for p in (mine_dead, mine_live, other_new, other_old):
+    me = f"{socket.gethostname()}.{files._PIDNS}"
+    mine_dead = store.tmp / f"{me}.{dead}.aa.part"
+    mine_live = store.tmp / f"{me}.{os.getppid()}.bb.part"  # the parent is alive
+    mine_live_old = store.tmp / f"{me}.{os.getppid()}.ee.part"  # alive, but its pid was reused
+    other_ns = store.tmp / f"{socket.gethostname()}.1.{dead}.ff.part"  # another container
+    other_new = store.tmp / "scanner-host.4026531836.1234.cc.part"
+    other_old = store.tmp / "scanner-host.4026531836.1234.dd.part"
+    for p in (mine_dead, mine_live, mine_live_old, other_ns, other_new, other_old):
         p.write_bytes(b"partial")
     old = time.time() - files.FOREIGN_TMP_AGE_S - 60
-    os.utime(other_old, (old, old))
-    assert store.clean_tmp(shared=True) == 2
+    for p in (other_old, mine_live_old):
+        os.utime(p, (old, old))
+    assert store.clean_tmp(shared=True) == 3
     assert sorted(p.name for p in store.tmp.glob("*.part")) == sorted(
-        [mine_live.name, other_new.name])
-    assert store.clean_tmp() == 2  # a store of its own: everything partial goes
+        [mine_live.name, other_ns.name, other_new.name])
+    assert store.clean_tmp() == 3  # a store of its own: everything partial goes
 
 
 def _dead_pid() -> int:
