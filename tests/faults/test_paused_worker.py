@@ -38,8 +38,6 @@ from tests.faults.nodes import NodeState, node_state, process_state, send_until_
 from tests.integration.test_pipeline import write_study
 from tests.peers import _tail, free_port, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 LEASE_S = 6.0  # heartbeats every 2 s
 TIMEOUT_S = 240.0
 
@@ -62,6 +60,8 @@ def analyze_job(node: NodeState) -> tuple[JobStatus, str, list[str]]:
             e.message or "" for e in job.events if e.to_status == JobStatus.RUNNING]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_frozen_worker_past_its_lease_cannot_publish(
         tmp_path: Path, pg_url: str, untrained_model: Path,
         standin: tuple[StandInPACS, int]) -> None:
