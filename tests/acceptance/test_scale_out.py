@@ -11,8 +11,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -24,31 +23,13 @@ from storage.models import Job, JobEvent, JobKind, JobStatus, Result, ServiceNod
 from tests.acceptance.test_serve import wait_for_echo
 from tests.conftest import NODE_AE, node_config_text
 from tests.dicomgen import cr_image, write_all
+from tests.faults.nodes import serve_role as serve
 from tests.peers import _tail, free_port, storescu, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STUDIES = 30
 LEASE_S = 10.0  # long enough that a busy 2-core machine never lets a live lease lapse
-
-
-@contextmanager
-def serve(config: Path, role: str, log: Path,
-          env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """``aidnode serve --role ROLE``; killed on the way out if the test left it running."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("AIDNODE_")}
-    environ.update(env or {})
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from node.cli import main; main()", "-c", str(config),
-             "serve", "--role", role],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
 
 
 def registered(db: Database) -> list[tuple[str, int]]:

@@ -132,15 +132,6 @@ breaker_failures = 100
 """
 
 
-@pytest.fixture(autouse=True)
-def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("AIDNODE_"):
-            monkeypatch.delenv(name)
-
-
 @pytest.fixture
 def aidnode(capsys: pytest.CaptureFixture[str]) -> Callable[..., Run]:
     """Run ``aidnode ARGS`` through ``main()`` and return its exit code, stdout and stderr."""

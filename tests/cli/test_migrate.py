@@ -36,15 +36,6 @@ enabled = false
 """
 
 
-@pytest.fixture(autouse=True)
-def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("AIDNODE_"):
-            monkeypatch.delenv(name)
-
-
 @pytest.fixture
 def aidnode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., Any]:
     path = tmp_path / "config.toml"
