@@ -5,8 +5,9 @@
 
 dcmtk ``storescu`` (TCP_NODELAY=1 in its environment) sends one folder over one association to,
 in turn: dcmtk ``storescp``, Orthanc (Debian package, throwaway config), ``aidnode serve`` (a
-subprocess with a temp config: durable writes, no rule matches, no workers, no metrics) and
-pynetdicom's own ``storescp`` app. Peers run with TCP_NODELAY=1 in their environment. Each
+subprocess with a temp config: durable writes, no rule matches, no workers, no metrics),
+pynetdicom's own ``storescp`` app, and a pynetdicom SCP that keeps nothing (``bench/nullscp.py``:
+the ceiling of the network library aidnode is built on). Peers run with TCP_NODELAY=1 in their environment. Each
 receiver is started fresh for its run and stopped after it; the order rotates every round. The
 receiving side is counted (files, Orthanc /statistics, aidnode instance rows): a run where not
 all arrived is reported as incomplete and not timed. Then N concurrent storescu processes (the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,14 +49,15 @@ from common import (
 )
 
 from tests.dicomgen import ct_series, write_all
-from tests.peers import dcmtk_storescp, orthanc, storescu
+from tests.peers import LOOPBACK, _stop, dcmtk_storescp, free_port, orthanc, storescu, wait_for_port
 
-RECEIVERS = ("dcmtk", "orthanc", "aidnode", "pynetdicom")
+RECEIVERS = ("dcmtk", "orthanc", "aidnode", "pynetdicom", "pynetdicom-null")
 LABELS = {
     "dcmtk": "dcmtk storescp (TCP_NODELAY=1, no fsync)",
     "orthanc": "Orthanc (TCP_NODELAY=1, fsync + SQLite)",
     "aidnode": "aidnode serve (fsync + SQLite FULL)",
     "pynetdicom": "pynetdicom storescp app",
+    "pynetdicom-null": "pynetdicom SCP that stores nothing (bench/nullscp.py)",
     "aidnode-x": "aidnode, {n} associations (aggregate)",
 }
 SEND_TIMEOUT_S = 180.0
@@ -130,9 +133,23 @@ def run_pynetdicom(tmp: Path) -> Iterator[Receiver]:
         yield peer.host, peer.port, peer.aet, lambda: count_files(out), None
 
 
+@contextmanager
+def run_null(tmp: Path) -> Iterator[Receiver]:
+    counter = tmp / "count"
+    counter.touch()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("nullscp.py")),
+                             str(port), str(counter)], stdin=subprocess.DEVNULL)
+    try:
+        wait_for_port(LOOPBACK, port, timeout=60, proc=proc)
+        yield LOOPBACK, port, "NULLSCP", lambda: counter.stat().st_size, None
+    finally:
+        _stop(proc)
+
+
 STARTERS: dict[str, Callable[[Path], AbstractContextManager[Receiver]]] = {
     "dcmtk": run_dcmtk, "orthanc": run_orthanc, "aidnode": run_aidnode,
-    "pynetdicom": run_pynetdicom,
+    "pynetdicom": run_pynetdicom, "pynetdicom-null": run_null,
 }
 
 
@@ -199,6 +216,8 @@ def summarise(report: Report) -> None:
                None if vs_pynet is None else vs_pynet >= 1.0),
         Target(f"aidnode {report.concurrency} associations / one (aggregate)", ">= 1.5",
                fmt(scale, 2), None if scale is None else scale >= 1.5),
+        Target("pynetdicom storing nothing / Orthanc (the ceiling under aidnode)", "reported",
+               fmt(_ratio(m.get("pynetdicom-null"), m.get("orthanc")), 2), None),
         Target("aidnode peak RSS over the ingest (MiB)", "reported",
                fmt(max(peaks) if peaks else None), None),
     ]

@@ -73,7 +73,7 @@ def _send(node: Any, files: list[Path]) -> float:
 
 
 def _job_states(node: Any) -> list[str]:
-    return [r[0] for r in node.query("SELECT status FROM jobs WHERE kind = 'ANALYZE'")]
+    return [r[0] for r in node.query("SELECT status FROM jobs WHERE kind = 'ANALYZE' ORDER BY id")]
 
 
 @contextmanager
