@@ -8,7 +8,7 @@ Several receivers may share one PostgreSQL database: a study or series row is cr
 RETURNING id``, which takes the row lock and reads the id in one statement; so two associations
 adding to the same study serialise on that row instead of losing an update or failing on the
 unique key. (On SQLite the writer's BEGIN IMMEDIATE already serialises them.) Core statements,
-not ORM objects: this runs once per received instance.
+not ORM objects, built once: this runs once per received instance.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -60,51 +60,65 @@ def find_instance(s: Session, sop_instance_uid: str) -> Instance | None:
                      ).scalar_one_or_none()
 
 
-def _insert_ignore(s: Session, model: Any, key: str, values: dict[str, Any]) -> None:
-    """INSERT unless a row with the same unique ``key`` exists (it may be another receiver's)."""
-    dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
-    s.execute(dialect.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+# The statements are built once, with bind parameters, and run on the session's connection:
+# building them per call and going through the ORM cost more CPU than the SQL did.
+_studies, _series, _instances = (cast(Table, m.__table__) for m in (Study, Series, Instance))
+
+_FIND = (select(_instances.c.id, _instances.c.sha256, _instances.c.path, _instances.c.study_id)
+         .where(_instances.c.sop_instance_uid == bindparam("b_sop")))
+_BUMP_STUDY = (
+    update(_studies).where(_studies.c.study_instance_uid == bindparam("b_study"))
+    .values(instance_count=_studies.c.instance_count + 1, last_received_at=bindparam("b_now"),
+            state=StudyState.RECEIVING, calling_ae=bindparam("b_calling_ae"),
+            called_ae=bindparam("b_called_ae"), calling_host=bindparam("b_calling_host"))
+    .returning(_studies.c.id))
+_BUMP_SERIES = (
+    update(_series).where(_series.c.series_instance_uid == bindparam("b_series"))
+    .values(instance_count=_series.c.instance_count + 1).returning(_series.c.id))
+_INSERT_INSTANCE = insert(_instances)
+_REPLACE_INSTANCE = update(_instances).where(_instances.c.id == bindparam("b_id"))
+_REGROW_STUDY = (update(_studies).where(_studies.c.id == bindparam("b_id"))
+                 .values(state=StudyState.RECEIVING))
+#: INSERT unless a row with the same unique key exists (it may be another receiver's).
+_INSERT_IGNORE = {
+    (name, table.name): dialect.insert(table).on_conflict_do_nothing(index_elements=[key])
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+    for table, key in ((_studies, "study_instance_uid"), (_series, "series_instance_uid"))}
 
 
-def _bump_study(s: Session, m: InstanceMeta, now: datetime) -> int | None:
+def _insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> None:
+    conn.execute(_INSERT_IGNORE[conn.dialect.name, table.name], values)
+
+
+def _bump_study(conn: Connection, m: InstanceMeta, now: datetime) -> int | None:
     """Count one more instance in the study (back to RECEIVING: it grew); its id, or None when
     it does not exist yet. The UPDATE locks the row until the commit."""
-    return s.execute(
-        update(Study).where(Study.study_instance_uid == m.study_uid)
-        .values(instance_count=Study.instance_count + 1, last_received_at=now,
-                state=StudyState.RECEIVING, calling_ae=m.calling_ae, called_ae=m.called_ae,
-                calling_host=m.calling_host)
-        .returning(Study.id)).scalar_one_or_none()
+    return conn.execute(_BUMP_STUDY, {
+        "b_study": m.study_uid, "b_now": now, "b_calling_ae": m.calling_ae,
+        "b_called_ae": m.called_ae, "b_calling_host": m.calling_host}).scalar_one_or_none()
 
 
-def _study_id(s: Session, m: InstanceMeta) -> int:
-    now = clock.now()
-    study_id = _bump_study(s, m, now)
+def _study_id(conn: Connection, m: InstanceMeta, now: datetime) -> int:
+    study_id = _bump_study(conn, m, now)
     if study_id is None:
-        _insert_ignore(s, Study, "study_instance_uid", {
+        _insert_ignore(conn, _studies, {
             "study_instance_uid": m.study_uid, "study_description": m.study_description,
             "state": StudyState.RECEIVING, "instance_count": 0, "first_received_at": now,
             "last_received_at": now})
-        study_id = _bump_study(s, m, now)
+        study_id = _bump_study(conn, m, now)
     assert study_id is not None
     return study_id
 
 
-def _bump_series(s: Session, m: InstanceMeta) -> int | None:
-    return s.execute(
-        update(Series).where(Series.series_instance_uid == m.series_uid)
-        .values(instance_count=Series.instance_count + 1)
-        .returning(Series.id)).scalar_one_or_none()
-
-
-def _series_id(s: Session, study_id: int, m: InstanceMeta) -> int:
-    series_id = _bump_series(s, m)
+def _series_id(conn: Connection, study_id: int, m: InstanceMeta) -> int:
+    bump = {"b_series": m.series_uid}
+    series_id = conn.execute(_BUMP_SERIES, bump).scalar_one_or_none()
     if series_id is None:
-        _insert_ignore(s, Series, "series_instance_uid", {
+        _insert_ignore(conn, _series, {
             "study_id": study_id, "series_instance_uid": m.series_uid, "modality": m.modality,
             "body_part": m.body_part, "series_description": m.series_description,
             "sop_class_uid": m.sop_class_uid, "image_type": m.image_type, "instance_count": 0})
-        series_id = _bump_series(s, m)
+        series_id = conn.execute(_BUMP_SERIES, bump).scalar_one_or_none()
     assert series_id is not None
     return series_id
 
@@ -117,27 +131,26 @@ def record_instance(s: Session, m: InstanceMeta, stored: StoredFile,
     kept, or the file a replacement displaced), its relative path for the caller to remove
     after the commit.
     """
-    existing = s.execute(select(Instance.id, Instance.sha256, Instance.path, Instance.study_id)
-                         .where(Instance.sop_instance_uid == m.sop_instance_uid)).first()
+    conn = s.connection()
+    existing = conn.execute(_FIND, {"b_sop": m.sop_instance_uid}).first()
     now = clock.now()
     if existing is not None:
         if existing.sha256 == m.sha256:
             return Recorded.DUPLICATE_SAME, stored.path
         if not replace:
             return Recorded.DUPLICATE_DIFFERENT, stored.path
-        s.execute(update(Instance).where(Instance.id == existing.id).values(
-            path=stored.path, size=stored.size, sha256=m.sha256,
-            transfer_syntax_uid=m.transfer_syntax_uid, received_at=now))
-        s.execute(update(Study).where(Study.id == existing.study_id).values(
-            state=StudyState.RECEIVING, last_received_at=now))
+        conn.execute(_REPLACE_INSTANCE, {
+            "b_id": existing.id, "path": stored.path, "size": stored.size, "sha256": m.sha256,
+            "transfer_syntax_uid": m.transfer_syntax_uid, "received_at": now})
+        conn.execute(_REGROW_STUDY, {"b_id": existing.study_id, "last_received_at": now})
         return Recorded.REPLACED, existing.path
-    study_id = _study_id(s, m)
-    series_id = _series_id(s, study_id, m)
-    s.execute(insert(Instance).values(
-        study_id=study_id, series_id=series_id, sop_instance_uid=m.sop_instance_uid,
-        sop_class_uid=m.sop_class_uid, transfer_syntax_uid=m.transfer_syntax_uid,
-        path=stored.path, size=stored.size, sha256=m.sha256, received_at=now,
-        association_id=m.association_id))
+    study_id = _study_id(conn, m, now)
+    series_id = _series_id(conn, study_id, m)
+    conn.execute(_INSERT_INSTANCE, {
+        "study_id": study_id, "series_id": series_id, "sop_instance_uid": m.sop_instance_uid,
+        "sop_class_uid": m.sop_class_uid, "transfer_syntax_uid": m.transfer_syntax_uid,
+        "path": stored.path, "size": stored.size, "sha256": m.sha256, "received_at": now,
+        "association_id": m.association_id})
     return Recorded.NEW, None
 
 
