@@ -2,7 +2,8 @@
 
 A write goes to a temporary file on the same filesystem, is fsynced, renamed to a server-chosen
 path (a random name, never one built from a UID) and the directory is fsynced; only then does
-``write`` return. Paths in the database are relative to the root, so the root can move or sit on a
+``write`` return. The 256 shard folders per kind are made when the store opens, so a write fsyncs
+its file and one folder, never a new folder's parent as well. Paths in the database are relative to the root, so the root can move or sit on a
 filesystem that several processes mount.
 """
 
@@ -52,15 +53,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_durable_dirs(parent: Path, names: list[str]) -> None:
+    """Create the folders ``names`` under ``parent`` (and ``parent`` itself) so that they
+    survive a crash: each new folder's entry is fsynced in its parent."""
+    new_parent = not parent.is_dir()
+    parent.mkdir(parents=True, exist_ok=True)
+    created = False
+    for name in names:
+        try:
+            (parent / name).mkdir()
+            created = True
+        except FileExistsError:
+            pass
+    if created:
+        _fsync_dir(parent)
+    if new_parent:
+        _fsync_dir(parent.parent)
+
+
 class FileStore:
-    """Durable, server-named files under ``root``/{instances,results}/xx/yy/<uuid>.dcm."""
+    """Durable, server-named files under ``root``/{instances,results}/xx/<uuid>.dcm.
+
+    Stores written by earlier versions (``xx/yy/<uuid>.dcm``) stay readable: the database
+    holds each file's relative path.
+    """
 
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.tmp = self.root / "tmp"
-        for d in (self.tmp, *(self.root / k for k in _KINDS)):
-            d.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        for kind in _KINDS:
+            _make_durable_dirs(self.root / kind, [f"{i:02x}" for i in range(256)])
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -80,7 +104,7 @@ class FileStore:
         if kind not in _KINDS:
             raise ValueError(f'Argument "kind" must be one of {_KINDS}.')
         name = uuid.uuid4().hex
-        rel = Path(kind) / name[:2] / name[2:4] / f"{name}.dcm"
+        rel = Path(kind) / name[:2] / f"{name}.dcm"
         final = self.root / rel
         # Whose partial write this is: host, pid namespace, pid.
         tmp = self.tmp / f"{_HOST}.{_PIDNS}.{os.getpid()}.{name}.part"
@@ -95,12 +119,10 @@ class FileStore:
                 crash_point("store.after_write")
                 os.fsync(fh.fileno())
             crash_point("store.after_fsync")
-            new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
-            final.parent.mkdir(parents=True, exist_ok=True)
+            if not final.parent.is_dir():  # removed since the store opened
+                _make_durable_dirs(final.parent.parent, [final.parent.name])
             os.rename(tmp, final)
             _fsync_dir(final.parent)
-            for d in new_dirs:  # a new shard folder's own entry must be durable too
-                _fsync_dir(d.parent)
             crash_point("store.after_rename")
         except BaseException as exc:
             tmp.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from storage.files import FileStore
 
 UID = b"1.2.826.0.1.3680043.8.498.12345678901234567890"
 DATA = b"\x00" * 128 + b"DICM" + UID + bytes(range(256)) * 40
-NAME = re.compile(r"^(instances|results)/([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{32})\.dcm$")
+NAME = re.compile(r"^(instances|results)/([0-9a-f]{2})/([0-9a-f]{32})\.dcm$")
 
 
 def leftovers(store: FileStore) -> list[Path]:
@@ -30,9 +30,9 @@ def test_write_returns_a_server_chosen_relative_path(store: FileStore) -> None:
     stored = store.write(DATA)
     m = NAME.match(stored.path)
     assert m is not None, stored.path
-    kind, a, b, name = m.groups()
+    kind, shard, name = m.groups()
     assert kind == "instances"
-    assert (a, b) == (name[:2], name[2:4])
+    assert shard == name[:2]
     assert not Path(stored.path).is_absolute()
     digest = hashlib.sha256(DATA).hexdigest()
     assert digest not in stored.path and digest[:32] != name  # not named after the content
@@ -100,6 +100,50 @@ def test_failed_directory_fsync_after_rename_leaves_nothing(
         store.write(DATA)
     assert len(calls) == 2
     assert leftovers(store) == []
+
+
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The path of everything fsynced from now on, in order."""
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return paths
+
+
+def test_a_write_fsyncs_its_file_and_its_folder_only(store: FileStore, synced: list[str]) -> None:
+    for _ in range(20):  # any of the 256 shards: all of them exist since the store opened
+        synced.clear()
+        stored = store.write(DATA)
+        final = store.root / stored.path
+        assert len(synced) == 2
+        assert synced[0].startswith(str(store.tmp / ""))  # the file, before its rename
+        assert synced[1] == str(final.parent)
+
+
+def test_a_removed_shard_folder_is_made_again_durably(store: FileStore,
+                                                      synced: list[str]) -> None:
+    for shard in (store.root / "instances").iterdir():
+        shard.rmdir()
+    stored = store.write(DATA)
+    final = store.root / stored.path
+    assert final.read_bytes() == DATA
+    assert synced[1:] == [str(final.parent.parent), str(final.parent)]  # its entry, then it
+
+
+def test_files_from_the_older_two_level_layout_are_still_listed_and_read(
+        store: FileStore) -> None:
+    old = "instances/ab/cd/" + "ab" + "cd" + "0" * 28 + ".dcm"
+    (store.root / old).parent.mkdir(parents=True)
+    (store.root / old).write_bytes(DATA)
+    new = store.write(DATA).path
+    assert sorted(store.files()) == sorted([old, new])
+    assert store.read(old) == DATA
 
 
 @pytest.mark.parametrize("target", ["fsync", "rename"])
