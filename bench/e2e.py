@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -69,6 +70,10 @@ class StudyRun:
     objects: int
     send_s: float
     note: str = ""
+    #: The overhead split from aidnode's log: the worker's steps other than the model, the
+    #: sender's delivery, and "between steps" (the rest: stability detection after the wait,
+    #: wake-ups and claims between assembler, worker and sender).
+    overhead_parts: dict[str, float] = field(default_factory=dict)
 
 
 def model_package(tmp: Path) -> tuple[Path, str]:
@@ -93,6 +98,34 @@ def model_package(tmp: Path) -> tuple[Path, str]:
                  windowing=Windowing(), text_fields=DEFAULT_FIELDS)
     return folder, ("untrained package of the demo architecture (var/models/demo not installed; "
                     "thresholds 0.01: every finding present)")
+
+
+ANALYZE_LINE = r"ANALYZE job {id} succeeded: .* in [0-9.]+s \((?P<steps>.*)\)$"
+DELIVER_LINE = r"DELIVER job {id} to \S+ succeeded.* in (?P<secs>[0-9.]+)s$"
+
+
+def overhead_parts(node: Any, study_uid: str, overhead: float) -> dict[str, float]:
+    """Split the overhead using the outcome lines of this study's ANALYZE and DELIVER jobs."""
+    jobs = node.query("SELECT j.id, j.kind FROM jobs j JOIN studies s ON s.id = j.study_id "
+                      "WHERE s.study_instance_uid = ?", (study_uid,))
+    log = node.log().splitlines()
+    parts: dict[str, float] = {}
+    for job_id, kind in jobs:
+        pattern = re.compile((ANALYZE_LINE if kind == "ANALYZE" else DELIVER_LINE)
+                             .format(id=job_id))
+        match = next((m for m in map(pattern.search, log) if m), None)
+        if match is None:
+            continue
+        if kind == "ANALYZE":
+            for step in match["steps"].split(", "):
+                name, secs = step.split()
+                if name != "model":  # the model's own time is not overhead
+                    parts[f"worker {name}"] = float(secs.rstrip("s"))
+        else:
+            parts["deliver"] = parts.get("deliver", 0.0) + float(match["secs"])
+    if parts:
+        parts["between steps"] = overhead - sum(parts.values())
+    return {k: round(v, 3) for k, v in parts.items()}
 
 
 def run_study(node: Any, pacs: TimedPACS, files: list[Path], study_uid: str, wait_s: float,
@@ -127,9 +160,14 @@ def run_study(node: Any, pacs: TimedPACS, files: list[Path], study_uid: str, wai
     model_s = float(json.loads(summary[0][0])["seconds"]) if summary else None
     total = max(acks) - last_ack[0]
     overhead = total - wait_s - model_s if model_s is not None else None
-    run = StudyRun(name, len(files), total, wait_s, model_s, overhead, len(acks), send_s)
+    parts = overhead_parts(node, study_uid, overhead) if overhead is not None else {}
+    run = StudyRun(name, len(files), total, wait_s, model_s, overhead, len(acks), send_s,
+                   overhead_parts=parts)
     print(f"  {name}: total {total:.2f} s, wait {wait_s:.2f} s, model {fmt(model_s, 2)} s, "
           f"overhead {fmt(overhead, 2)} s, {len(acks)} objects", flush=True)
+    if parts:
+        print("    overhead: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()),
+              flush=True)
     return run
 
 
@@ -186,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         met = "-" if r.overhead_s is None else ("yes" if r.overhead_s < 1.0 else "NO")
         print(f"| {r.study} | {fmt(r.total_s, 2)} | {r.wait_s:.2f} | {fmt(r.model_s, 2)} | "
               f"{fmt(r.overhead_s, 2)} | {r.objects} | {met}{' ' + r.note if r.note else ''} |")
+    print()
+    print("Where the overhead goes (from aidnode's job outcome lines; \"between steps\" is the "
+          "rest: detecting stability after the wait and the hand-offs between assembler, worker "
+          "and sender):")
+    print()
+    for r in runs:
+        if r.overhead_parts:
+            print(f"- {r.study}: " + ", ".join(f"{k} {v:.2f} s"
+                                              for k, v in r.overhead_parts.items()))
     if args.json:
         print(json.dumps({"machine": info, "model": which, "runs": [asdict(r) for r in runs]},
                          indent=2))

@@ -12,7 +12,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,21 @@ def encode(ds: Dataset) -> bytes:
     buf = DicomBytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+class Phases(dict[str, float]):
+    """Seconds spent in each named step of one job, in order, for its outcome line."""
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - started
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {secs:.2f}s" for name, secs in self.items())
 
 
 @dataclass
@@ -113,10 +129,11 @@ class Analyzer:
         started = time.monotonic()
         lost = threading.Event()
         stop = threading.Event()
+        phases = Phases()
         beat = threading.Thread(target=self._heartbeat, args=(job, stop, lost), daemon=True)
         beat.start()
         try:
-            outcome = self._process(job, lost)
+            outcome = self._process(job, lost, phases)
         except Exception as exc:
             retryable = bool(getattr(exc, "retryable", False))
             if not isinstance(exc, InferenceError | StorageError | models.ModelNotFoundError):
@@ -125,7 +142,8 @@ class Analyzer:
         finally:
             stop.set()
             beat.join()
-        log.info("ANALYZE job %d %s in %.2fs", job.id, outcome, time.monotonic() - started)
+        log.info("ANALYZE job %d %s in %.2fs (%s)", job.id, outcome, time.monotonic() - started,
+                 phases or "no step ran")
         return True
 
     def _heartbeat(self, job: jobs.Claimed, stop: threading.Event,
@@ -170,24 +188,34 @@ class Analyzer:
                 _ = previous.objects  # load while the session is open
         return study, instances, previous
 
-    def _process(self, job: jobs.Claimed, lost: threading.Event) -> str:
-        study, instances, previous = self._inputs(job)
+    def _process(self, job: jobs.Claimed, lost: threading.Event, phases: Phases) -> str:
+        """Analyse the job's series and publish the result; ``phases`` gets each step's time
+        (model loading, reading the instances, the model, building and storing the results,
+        the publishing transaction)."""
+        with phases.timed("read"):
+            study, instances, previous = self._inputs(job)
         if not instances:
             raise JobStateError("the selected series hold no instances (purged?)")
         ref = models.resolve(self.config, job.payload.get("model", models.DEMO))
-        predictor = self.predictor(ref)
-        datasets = [dcmread(self.store.path(i.path)) for i in instances]
-        prediction: Prediction = predictor.predict(datasets)
+        with phases.timed("load"):
+            predictor = self.predictor(ref)
+        with phases.timed("read"):
+            datasets = [dcmread(self.store.path(i.path)) for i in instances]
+        with phases.timed("model"):
+            prediction: Prediction = predictor.predict(datasets)
         self.metrics.inference_seconds.labels(ref.name, ref.version).observe(prediction.seconds)
-        built = self._build(study, datasets, prediction, previous, predictor)
-        written = [(b, self.store.write(encode(b.dataset), kind="results")) for b in built]
+        with phases.timed("build"):
+            built = self._build(study, datasets, prediction, previous, predictor)
+        with phases.timed("store"):
+            written = [(b, self.store.write(encode(b.dataset), kind="results")) for b in built]
         crash_point("worker.after_model")
         if lost.is_set():
             for _, f in written:
                 self.store.remove(f.path)
             raise JobStateError("lease lost during analysis; results discarded")
         try:
-            return self._publish(job, study, prediction, previous, written, instances)
+            with phases.timed("publish"):
+                return self._publish(job, study, prediction, previous, written, instances)
         except BaseException:
             for _, f in written:
                 self.store.remove(f.path)

@@ -7,6 +7,8 @@ finding present, so every result object kind is produced without training.
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 import urllib.request
 from collections.abc import Callable
@@ -67,7 +69,9 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 
 def test_results_arrive_in_orthanc_and_validate(node_service: Callable[..., RunningNode],
-                                                untrained_model: Path, tmp_path: Path) -> None:
+                                                untrained_model: Path, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="node.worker")
     with orthanc(tmp_path / "orthanc") as pacs:
         node = start_node(node_service, untrained_model,
                           {"ae_title": pacs.aet, "port": pacs.dicom_port})
@@ -102,6 +106,13 @@ def test_results_arrive_in_orthanc_and_validate(node_service: Callable[..., Runn
         report = hd.sr.MeasurementReport.from_sequence(sr.content)
         assert len(report.get_image_measurement_groups()) == 2  # nodule, effusion
         assert "not for diagnostic use" in str(sr).lower()
+    # The job's outcome line says where its time went, step by step.
+    outcome = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ANALYZE job")]
+    assert len(outcome) == 1, outcome
+    steps = re.search(r"succeeded: .* in [0-9.]+s \((.*)\)$", outcome[0])
+    assert steps is not None, outcome[0]
+    assert [part.split()[0] for part in steps.group(1).split(", ")] == [
+        "read", "load", "model", "build", "store", "publish"]
 
 
 def test_delivery_retries_through_refusal_and_outage(node_service: Callable[..., RunningNode],
