@@ -151,12 +151,14 @@ class Sender:
 
     def _deliver(self, job: jobs.Claimed, dest: DestinationConfig) -> str:
         result_id = int(job.payload["result_id"])
+        # This result's objects the destination has not acknowledged yet (a retry resumes);
+        # the (object_id, destination) unique index answers it, however many were sent before.
+        acknowledged = select(Delivery.id).where(Delivery.object_id == ResultObject.id,
+                                                 Delivery.destination == dest.name).exists()
         with self.db.read() as s:
-            done = set(s.execute(select(Delivery.object_id).where(
-                Delivery.destination == dest.name)).scalars())
-            objects = [o for o in s.execute(select(ResultObject).where(
-                ResultObject.result_id == result_id).order_by(ResultObject.id)).scalars()
-                if o.id not in done]
+            objects = list(s.execute(select(ResultObject).where(
+                ResultObject.result_id == result_id, ~acknowledged)
+                .order_by(ResultObject.id)).scalars())
             study = s.get(Study, job.study_id) if job.study_id else None
         if objects:
             if study is None:
