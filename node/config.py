@@ -183,6 +183,9 @@ class InferenceConfig(_Section):
     cpu_threads: int = Field(0, ge=0, le=256)
     # Niceness of the worker threads (Linux): receiving, which answers scanners, goes first.
     nice: int = Field(10, ge=0, le=19)
+    # Load the rules' models and build one throwaway result when a worker starts, so the
+    # first study does not wait for them.
+    warm_up: bool = True
 
     @field_validator("device")
     @classmethod

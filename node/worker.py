@@ -85,6 +85,7 @@ class Analyzer:
     _predictors: dict[str, Any] = field(default_factory=dict)
     tune_thread: bool = False  # the service sets it: lower priority, capped CPU threads
     _prepared: bool = False
+    _warmed: bool = False
 
     def _prepare_thread(self) -> None:
         """Once, in the worker's own thread: lower its priority (the model's CPU threads,
@@ -116,12 +117,39 @@ class Analyzer:
                      self._predictors[key].device)
         return self._predictors[key]
 
+    def warm_up(self) -> None:
+        """Once, before the first job: load every model a rule names and build one throwaway
+        result with each (a synthetic phantom, nothing stored or counted), so the first study
+        does not pay for model loading and highdicom's first use. A model that cannot be
+        loaded is logged; its jobs fail as they would have."""
+        self._warmed = True
+        from inference.synthetic import phantom_study
+
+        for name in sorted({rule.model for rule in self.config.rules}):
+            started = time.perf_counter()
+            try:
+                ref = models.resolve(self.config, name)
+                predictor = self.predictor(ref)
+                loaded = time.perf_counter() - started
+                phantoms = phantom_study(seed=0, size=256, nodule=True)
+                prediction = predictor.predict(phantoms)
+                self._build(str(phantoms[0].StudyInstanceUID), phantoms, prediction, None,
+                            predictor)
+            except Exception as exc:  # noqa: BLE001 - reported; the jobs will say it again
+                log.warning("could not warm up model %r: %s", name, exc)
+                continue
+            log.info("model %s %s warmed up: loaded in %.2fs, a throwaway result built in "
+                     "%.2fs", ref.name, ref.version, loaded,
+                     time.perf_counter() - started - loaded)
+
     # -- one job ---------------------------------------------------------------------------
 
     def run_once(self) -> bool:
         """Claim and process one ANALYZE job; False when none was due."""
         if self.tune_thread and not self._prepared:
             self._prepare_thread()
+        if self.config.inference.warm_up and not self._warmed:
+            self.warm_up()
         with self.db.write() as s:
             job = jobs.claim(s, JobKind.ANALYZE, self.name)
         if job is None:
@@ -205,7 +233,10 @@ class Analyzer:
             prediction: Prediction = predictor.predict(datasets)
         self.metrics.inference_seconds.labels(ref.name, ref.version).observe(prediction.seconds)
         with phases.timed("build"):
-            built = self._build(study, datasets, prediction, previous, predictor)
+            built = self._build(study.study_instance_uid, datasets, prediction, previous,
+                                predictor)
+        for finding in prediction.findings:
+            self.metrics.findings.labels(finding.label.key, str(finding.present).lower()).inc()
         with phases.timed("store"):
             written = [(b, self.store.write(encode(b.dataset), kind="results")) for b in built]
         crash_point("worker.after_model")
@@ -221,7 +252,7 @@ class Analyzer:
                 self.store.remove(f.path)
             raise
 
-    def _build(self, study: Study, datasets: Sequence[Dataset], p: Prediction,
+    def _build(self, study_uid: str, datasets: Sequence[Dataset], p: Prediction,
                previous: Result | None, predictor: Any) -> list[Built]:
         from inference.pixels import display_uint8
         from inference.sc import build_heatmap_sc
@@ -229,7 +260,7 @@ class Analyzer:
         from inference.uids import result_uids
 
         r = self.config.results
-        uids = result_uids(study.study_instance_uid, [d.SOPInstanceUID for d in datasets],
+        uids = result_uids(study_uid, [d.SOPInstanceUID for d in datasets],
                            p.model_name, p.model_version)
         predecessor = None
         if previous is not None:
@@ -255,8 +286,6 @@ class Analyzer:
                 instance_uid=uids.sc_instance(f.label.key), series_number=r.sc_series_number,
                 instance_number=n, series_description=r.sc_series_description,
                 synthetic_demo=p.synthetic_demo)))
-        for f in p.findings:
-            self.metrics.findings.labels(f.label.key, str(f.present).lower()).inc()
         return out
 
     def _publish(self, job: jobs.Claimed, study: Study, p: Prediction, previous: Result | None,
