@@ -199,8 +199,15 @@ def main(argv: list[str] | None = None) -> int:
                     inference={"workers": 1, "device": "cpu", "models_dir": "models"},
                     assembly={"stable_after_s": args.stable_after,
                               "check_interval_s": args.check_interval}) as node:
-                # The first study also pays the worker's model load; the second one does not.
-                for label in ("CR, 1 image (first: model load)", "CR, 1 image (warm)"):
+                # The worker loads the rule's model and builds a throwaway result when it
+                # starts (inference.warm_up); a scanner's first study would arrive later.
+                t0 = time.perf_counter()
+                if not wait_until(lambda: "warmed up" in node.log()
+                                  or "could not warm up" in node.log(), STUDY_TIMEOUT_S, 0.1):
+                    raise SystemExit("the worker did not finish its warm-up")
+                print(f"worker warm-up: {time.perf_counter() - t0:.2f} s after the port opened",
+                      flush=True)
+                for label in ("CR, 1 image (first job)", "CR, 1 image (second job)"):
                     cr = cr_image()
                     cr_files = write_all([cr], tmp / label.split("(")[1][:4])
                     runs.append(run_study(node, pacs, cr_files, str(cr.StudyInstanceUID),
