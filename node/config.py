@@ -68,6 +68,9 @@ class NodeConfig(_Section):
     max_pdu: int = Field(262144, ge=4096, le=4_194_304)
     max_dataset_bytes: int = Field(2 * 1024**3, gt=0)
     max_pixel_bytes: int = Field(1024**3, gt=0)
+    # SO_REUSEPORT: several `serve --role receiver` processes on one host listen on the same
+    # port(s) and the kernel spreads associations over them (Linux).
+    reuse_port: bool = False
     tls: ReceiverTLSConfig | None = None
 
     _ae = field_validator("ae_title")(_check_ae)

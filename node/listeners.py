@@ -22,7 +22,7 @@ import ssl
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -129,6 +129,17 @@ class GuardedRequestHandler(RequestHandler):
 
 class _Server(ThreadedAssociationServer):
     limits: Limits
+    #: SO_REUSEPORT before bind: several receiver processes share the port and the kernel
+    #: spreads connections over them (``node.reuse_port``).
+    reuse_port: ClassVar[bool] = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise OSError("node.reuse_port needs SO_REUSEPORT, which this system lacks")
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET,
+                                                        socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class TLSServer(_Server):
@@ -172,6 +183,19 @@ class ReceiverServer(_Server):
             log.info("DICOM TLS port closed")
 
 
+class _SharedReceiverServer(ReceiverServer):
+    reuse_port = True
+
+
+class _SharedTLSServer(TLSServer):
+    reuse_port = True
+
+
+#: The same servers with ``reuse_port`` on (a class attribute: the constructor binds).
+_PORT_SHARING: dict[type[_Server], type[_Server]] = {
+    ReceiverServer: _SharedReceiverServer, TLSServer: _SharedTLSServer}
+
+
 def server_context(tls: ReceiverTLSConfig) -> ssl.SSLContext:
     """The TLS server context: TLS >= ``min_version``, client certificates required (and
     verified against ``ca_bundle``) when a CA bundle is given. Raises ConfigError."""
@@ -189,8 +213,11 @@ def server_context(tls: ReceiverTLSConfig) -> ssl.SSLContext:
 
 
 def _serve(ae: AE, address: tuple[str, int], handlers: list[Any], server_class: type[_Server],
-           limits: Limits, context: ssl.SSLContext | None = None) -> Any:
+           limits: Limits, context: ssl.SSLContext | None = None,
+           reuse_port: bool = False) -> Any:
     """What ``AE.start_server(block=False)`` does, with our server and request handler."""
+    if reuse_port:
+        server_class = _PORT_SHARING[server_class]
     server = cast(_Server, ae.make_server(
         address, ssl_context=context, evt_handlers=handlers, server_class=server_class,
         request_handler=GuardedRequestHandler))
@@ -204,14 +231,16 @@ def _serve(ae: AE, address: tuple[str, int], handlers: list[Any], server_class: 
 
 def serve(ae: AE, address: tuple[str, int], handlers: list[Any], node: NodeConfig,
           ) -> ReceiverServer:
-    """Listen on ``address`` and, when ``node.tls`` is set, on its TLS port on the same host."""
+    """Listen on ``address`` and, when ``node.tls`` is set, on its TLS port on the same host;
+    with ``node.reuse_port``, as one of several processes sharing those ports."""
     limits = Limits.of(node)
     context = server_context(node.tls) if node.tls is not None else None
-    server: ReceiverServer = _serve(ae, address, handlers, ReceiverServer, limits)
+    server: ReceiverServer = _serve(ae, address, handlers, ReceiverServer, limits,
+                                    reuse_port=node.reuse_port)
     if node.tls is not None:
         try:
             server.tls = _serve(ae, (address[0], node.tls.port), handlers, TLSServer, limits,
-                                context)
+                                context, reuse_port=node.reuse_port)
         except OSError:
             server.shutdown()
             raise

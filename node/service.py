@@ -213,6 +213,20 @@ class Service:
         with self.db.write() as s:
             registry.register(s, self.name, self.role.value, aidnode_version())
         log.info("role %s, registered as %s", self.role.value, self.name)
+        try:
+            self._start_registered(host, port)
+        except BaseException:  # e.g. the port is taken: leave no listener and no registry row
+            if self.server is not None:
+                self.server.shutdown()
+                self.server = None
+            try:
+                with self.db.write() as s:
+                    registry.deregister(s, self.name)
+            except Exception:
+                log.warning("could not remove %s from the registry", self.name, exc_info=True)
+            raise
+
+    def _start_registered(self, host: str | None, port: int | None) -> None:
         if self.config.metrics.enabled:
             self.metrics_port = self.metrics.serve(self.config.metrics.host,
                                                    self.config.metrics.port)
