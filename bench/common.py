@@ -189,6 +189,33 @@ def aidnode_serve(folder: Path, *, rules: list[dict[str, object]] | None = None,
         _stop(proc)
 
 
+@contextmanager
+def another_process(node: AidnodeProcess, role: str) -> Iterator[subprocess.Popen[bytes]]:
+    """One more ``aidnode serve --role ROLE`` on ``node``'s config (same machine, same SQLite
+    and store), its output in ``ROLE-N.log`` beside it; a receiver is waited for until it
+    listens. Stopped on exit."""
+    n = len(list(node.folder.glob(f"{role}-*.log")))
+    log_path = node.folder / f"{role}-{n}.log"
+    env = {k: v for k, v in os.environ.items() if k != "AIDNODE_CONFIG"}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from node.cli import main; main()", "-c",
+             str(node.folder / "config.toml"), "serve", "--role", role],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
+    try:
+        if role in ("receiver", "all"):
+            listening = f"listening on {node.host}:{node.port}"
+            if not wait_until(lambda: listening in log_path.read_text(errors="replace")
+                              or proc.poll() is not None, 120):
+                raise RuntimeError(f"{log_path.name}: no listener within 120 s")
+            if proc.poll() is not None:
+                raise RuntimeError(f"aidnode serve --role {role} exited with {proc.returncode}:"
+                                   f"\n{log_path.read_text(errors='replace')[-3000:]}")
+        yield proc
+    finally:
+        _stop(proc)
+
+
 # -- pynetdicom's own storescp app -------------------------------------------------------------
 
 

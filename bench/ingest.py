@@ -11,7 +11,8 @@ the ceiling of the network library aidnode is built on). Peers run with TCP_NODE
 receiver is started fresh for its run and stopped after it; the order rotates every round. The
 receiving side is counted (files, Orthanc /statistics, aidnode instance rows): a run where not
 all arrived is reported as incomplete and not timed. Then N concurrent storescu processes (the
-instances split between them) send to aidnode: aggregate images/s against one association.
+instances split between them) send to aidnode, as one process and as two ``--role receiver``
+processes sharing the port (``node.reuse_port``): aggregate images/s against one association.
 aidnode's VmRSS is sampled every 50 ms during each of its runs and read again after it.
 """
 
@@ -38,6 +39,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from common import (
     RSSSampler,
     aidnode_serve,
+    another_process,
     count_files,
     fmt,
     machine,
@@ -59,7 +61,10 @@ LABELS = {
     "pynetdicom": "pynetdicom storescp app",
     "pynetdicom-null": "pynetdicom SCP that stores nothing (bench/nullscp.py)",
     "aidnode-x": "aidnode, {n} associations (aggregate)",
+    "aidnode-2rx": "aidnode, 2 receiver processes on one port (node.reuse_port), {n} associations "
+                   "(aggregate)",
 }
+AGGREGATES = ("aidnode-x", "aidnode-2rx")
 SEND_TIMEOUT_S = 180.0
 ARRIVE_TIMEOUT_S = 10.0
 
@@ -127,6 +132,16 @@ def run_aidnode(tmp: Path) -> Iterator[Receiver]:
 
 
 @contextmanager
+def run_aidnode_two(tmp: Path) -> Iterator[Receiver]:
+    """Two ``serve --role receiver`` processes sharing the port (SO_REUSEPORT), one SQLite."""
+    with aidnode_serve(tmp / "aidnode", role="receiver",
+                       node={"dimse_timeout_s": 60, "network_timeout_s": 60,
+                             "reuse_port": True}) as node, \
+            another_process(node, "receiver"):
+        yield node.host, node.port, node.ae_title, node.instance_count, None
+
+
+@contextmanager
 def run_pynetdicom(tmp: Path) -> Iterator[Receiver]:
     out = tmp / "out"
     with pynetdicom_storescp(out) as peer:
@@ -149,7 +164,7 @@ def run_null(tmp: Path) -> Iterator[Receiver]:
 
 STARTERS: dict[str, Callable[[Path], AbstractContextManager[Receiver]]] = {
     "dcmtk": run_dcmtk, "orthanc": run_orthanc, "aidnode": run_aidnode,
-    "pynetdicom": run_pynetdicom, "pynetdicom-null": run_null,
+    "pynetdicom": run_pynetdicom, "pynetdicom-null": run_null, "aidnode-2rx": run_aidnode_two,
 }
 
 
@@ -184,7 +199,7 @@ def measure(name: str, rnd: int, files: list[Path], n_assoc: int = 1) -> Run:
         complete = wait_until(lambda: count() >= len(files), ARRIVE_TIMEOUT_S, 0.1)
         arrived = count()
         after = rss_kib(pid) if pid else None
-    label = name if n_assoc == 1 else "aidnode-x"
+    label = "aidnode-x" if name == "aidnode" and n_assoc > 1 else name
     run = Run(label, rnd, seconds if complete and arrived == len(files) else None, arrived,
               len(files), rcs,
               peak_rss_mib=round(sampler.peak_kib / 1024, 1) if sampler else None,
@@ -201,13 +216,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarise(report: Report) -> None:
-    for name in (*RECEIVERS, "aidnode-x"):
+    for name in (*RECEIVERS, *AGGREGATES):
         rates = [r.images_per_s for r in report.runs if r.receiver == name and r.images_per_s]
         report.medians[name] = median([x for x in rates if x is not None])
     m = report.medians
     vs_orthanc = _ratio(m.get("aidnode"), m.get("orthanc"))
     vs_pynet = _ratio(m.get("aidnode"), m.get("pynetdicom"))
     scale = _ratio(m.get("aidnode-x"), m.get("aidnode"))
+    scale_two = _ratio(m.get("aidnode-2rx"), m.get("aidnode"))
     peaks = [r.peak_rss_mib for r in report.runs if r.peak_rss_mib]
     report.targets = [
         Target("aidnode / Orthanc, one association", ">= 1.2", fmt(vs_orthanc, 2),
@@ -216,6 +232,9 @@ def summarise(report: Report) -> None:
                None if vs_pynet is None else vs_pynet >= 1.0),
         Target(f"aidnode {report.concurrency} associations / one (aggregate)", ">= 1.5",
                fmt(scale, 2), None if scale is None else scale >= 1.5),
+        Target(f"aidnode 2 receiver processes, {report.concurrency} associations / one "
+               "association", ">= 1.5", fmt(scale_two, 2),
+               None if scale_two is None else scale_two >= 1.5),
         Target("pynetdicom storing nothing / Orthanc (the ceiling under aidnode)", "reported",
                fmt(_ratio(m.get("pynetdicom-null"), m.get("orthanc")), 2), None),
         Target("aidnode peak RSS over the ingest (MiB)", "reported",
@@ -231,7 +250,7 @@ def print_report(report: Report) -> None:
     print()
     print("| receiver | images/s (median) | runs timed | incomplete runs | peak RSS MiB |")
     print("|---|---|---|---|---|")
-    for name in (*RECEIVERS, "aidnode-x"):
+    for name in (*RECEIVERS, *AGGREGATES):
         runs = [r for r in report.runs if r.receiver == name]
         if not runs:
             continue
@@ -274,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 report.runs.append(measure(name, rnd, files))
             if args.concurrency > 1 and "aidnode" in receivers:
                 report.runs.append(measure("aidnode", rnd, files, args.concurrency))
+                report.runs.append(measure("aidnode-2rx", rnd, files, args.concurrency))
     summarise(report)
     print_report(report)
     if args.json:

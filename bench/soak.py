@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from common import (
     RSSSampler,
     aidnode_serve,
+    another_process,
     fmt,
     machine,
     median,
@@ -49,7 +48,7 @@ from common import (
 from e2e import model_package
 
 from tests.dicomgen import ct_series, write_all
-from tests.peers import _stop, storescu
+from tests.peers import storescu
 
 ANALYSE = "ANALYSE"
 SEND_TIMEOUT_S = 600.0
@@ -76,20 +75,6 @@ def _job_states(node: Any) -> list[str]:
     return [r[0] for r in node.query("SELECT status FROM jobs WHERE kind = 'ANALYZE' ORDER BY id")]
 
 
-@contextmanager
-def _worker_process(node: Any) -> Iterator[None]:
-    """``aidnode serve --role worker`` on the receiver's config (one machine, one SQLite)."""
-    log = (node.folder / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from node.cli import main; main()", "-c",
-                             str(node.folder / "config.toml"), "serve", "--role", "worker"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        _stop(proc)
-        log.close()
-
-
 def while_analysing(tmp: Path, model: Path, rounds: int, split: bool) -> list[dict[str, Any]]:
     rule = [{"name": "ct", "model": str(model),
              "match": {"modality": ["CT"], "series_description": ANALYSE}}]
@@ -98,7 +83,7 @@ def while_analysing(tmp: Path, model: Path, rounds: int, split: bool) -> list[di
                        role="receiver" if split else "all",
                        inference={"workers": 1, "models_dir": "models"},
                        assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
-            (_worker_process(node) if split else nullcontext()):
+            (another_process(node, "worker") if split else nullcontext()):
         for rnd in range(1, rounds + 1):
             idle_files = _series(tmp / f"idle-{rnd}", 300, 512, "STORE ONLY", seed=10 + rnd)
             busy_files = _series(tmp / f"busy-{rnd}", 300, 512, "STORE ONLY", seed=20 + rnd)
