@@ -8,6 +8,7 @@ destination. A worker that lost its lease publishes nothing.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -51,6 +52,16 @@ def encode(ds: Dataset) -> bytes:
     buf = DicomBytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _freeze_heap() -> None:
+    """Collect, then exempt every object alive now from later collections (``gc.freeze``).
+
+    A loaded model and its libraries leave ~700 000 long-lived objects that each full
+    collection scans again: 0.23 s, which reading a 300-slice series back triggered once per
+    job. They live as long as the process, so they are frozen once loaded."""
+    gc.collect()
+    gc.freeze()
 
 
 class Phases(dict[str, float]):
@@ -115,6 +126,7 @@ class Analyzer:
                                               max_image_bytes=self.config.node.max_pixel_bytes)
             log.info("model %s %s loaded on %s", ref.name, ref.version,
                      self._predictors[key].device)
+            _freeze_heap()
         return self._predictors[key]
 
     def warm_up(self) -> None:
@@ -141,6 +153,7 @@ class Analyzer:
             log.info("model %s %s warmed up: loaded in %.2fs, a throwaway result built in "
                      "%.2fs", ref.name, ref.version, loaded,
                      time.perf_counter() - started - loaded)
+        _freeze_heap()  # highdicom's tables, loaded by the throwaway result, too
 
     # -- one job ---------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ a controllable clock and a running node."""
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,15 @@ from storage.db import Database
 from storage.files import FileStore
 
 START = datetime(2025, 1, 6, 9, 0, 0)  # naive UTC, like everything the database stores
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc() -> Iterator[None]:
+    """A worker that loads a model freezes the heap (``gc.freeze``), for the process's life;
+    in the test process that would keep every later test's garbage from being collected."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 @dataclass
