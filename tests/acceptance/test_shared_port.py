@@ -70,7 +70,8 @@ def test_two_receivers_share_the_port_and_store_each_instance_once(tmp_path: Pat
             # A process without reuse_port cannot take the port: it fails instead of joining.
             lone = subprocess.run(
                 [sys.executable, "-c", "from node.cli import main; main()", "-c", str(config),
-                 "serve", "--role", "receiver"], capture_output=True, text=True, timeout=120,
+                 "serve", "--role", "receiver"], check=False, capture_output=True, text=True,
+                timeout=120,
                 env={"AIDNODE_NODE__REUSE_PORT": "false", "PATH": "/usr/bin:/bin"})
             assert lone.returncode != 0
             assert "Address already in use" in lone.stdout + lone.stderr, lone.stderr[-2000:]
