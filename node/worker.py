@@ -58,8 +58,8 @@ def _freeze_heap() -> None:
     """Collect, then exempt every object alive now from later collections (``gc.freeze``).
 
     A loaded model and its libraries leave ~700 000 long-lived objects that each full
-    collection scans again: 0.23 s, which reading a 300-slice series back triggered once per
-    job. They live as long as the process, so they are frozen once loaded."""
+    collection scans again (0.23 s, when reading a 300-slice series back set one off). They
+    live as long as the process, so they are frozen once loaded."""
     gc.collect()
     gc.freeze()
 
