@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from storage import catalog
 from storage.catalog import InstanceMeta, Recorded
 from storage.db import Database
 from storage.files import StoredFile
-from storage.models import Instance, Series, Study
+from storage.models import Instance, Series, Study, StudyState
 
 STUDY, SERIES = "1.2.826.0.1.1", "1.2.826.0.1.1.1"
 
@@ -66,3 +67,26 @@ def test_receivers_racing_on_one_new_study_lose_no_count(any_db: Database) -> No
     assert len(studies) == 1
     assert studies[0].instance_count == workers * per_worker == n
     assert sorted(series) == [workers * per_worker // 2] * 2
+
+
+def test_replace_policy_swaps_the_file_and_reopens_the_study(any_db: Database,
+                                                              frozen_clock: Any) -> None:
+    record(any_db, meta(1), "instances/a.dcm")
+    record(any_db, meta(2), "instances/b.dcm")
+    with any_db.write() as s:
+        s.execute(update(Study).values(state=StudyState.ANALYSED))
+    later = frozen_clock.advance(60)
+    with any_db.write() as s:
+        outcome = catalog.record_instance(s, meta(1, sha="c" * 64),
+                                          StoredFile(path="instances/c.dcm", size=20),
+                                          replace=True)
+    assert outcome == (Recorded.REPLACED, "instances/a.dcm")  # the displaced file, to remove
+    with any_db.read() as s:
+        rows = {i.sop_instance_uid: i for i in s.execute(select(Instance)).scalars()}
+        study = s.execute(select(Study)).scalar_one()
+    replaced = rows[f"{SERIES}.1"]
+    assert (replaced.path, replaced.size, replaced.sha256, replaced.received_at) == (
+        "instances/c.dcm", 20, "c" * 64, later)
+    assert rows[f"{SERIES}.2"].path == "instances/b.dcm"  # the other instance is untouched
+    assert (study.state, study.last_received_at, study.instance_count) == (
+        StudyState.RECEIVING, later, 2)  # grew again: no new instance, but new content
