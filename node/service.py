@@ -127,6 +127,7 @@ class Service:
     def recover(self) -> None:
         """Start-up recovery: schema, partial files, orphans, stale leases."""
         self.db.check_schema()
+        self.store.ensure_layout()
         n = self.store.clean_tmp(shared=self.shared)
         if n:
             log.warning("removed %d partial file(s) left by a crash", n)

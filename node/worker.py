@@ -59,7 +59,8 @@ def _freeze_heap() -> None:
 
     A loaded model and its libraries leave ~700 000 long-lived objects that each full
     collection scans again (0.23 s, when reading a 300-slice series back set one off). They
-    live as long as the process, so they are frozen once loaded."""
+    live as long as the process, so the warm-up freezes them once they are loaded (a model
+    loaded later, with the warm-up off, is not frozen)."""
     gc.collect()
     gc.freeze()
 
@@ -126,7 +127,6 @@ class Analyzer:
                                               max_image_bytes=self.config.node.max_pixel_bytes)
             log.info("model %s %s loaded on %s", ref.name, ref.version,
                      self._predictors[key].device)
-            _freeze_heap()
         return self._predictors[key]
 
     def warm_up(self) -> None:
@@ -153,7 +153,10 @@ class Analyzer:
             log.info("model %s %s warmed up: loaded in %.2fs, a throwaway result built in "
                      "%.2fs", ref.name, ref.version, loaded,
                      time.perf_counter() - started - loaded)
-        _freeze_heap()  # highdicom's tables, loaded by the throwaway result, too
+        # Before the first job, while nothing but the models and libraries is alive: later, in
+        # a process that also receives, a freeze would keep the cycles of associations in
+        # flight from ever being collected.
+        _freeze_heap()
 
     # -- one job ---------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 A write goes to a temporary file on the same filesystem, is fsynced, renamed to a server-chosen
 path (a random name, never one built from a UID) and the directory is fsynced; only then does
 ``write`` return. The 256 shard folders per kind are made when the store opens, so a write fsyncs
-its file and one folder, never a new folder's parent as well. Paths in the database are relative
+its file and one folder, never a new folder's parent as well (``ensure_layout``). Paths in the database are relative
 to the root, so the root can move or sit on a filesystem that several processes mount.
 """
 
@@ -54,21 +54,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _make_durable_dirs(parent: Path, names: list[str]) -> None:
-    """Create the folders ``names`` under ``parent`` (and ``parent`` itself) so that they
-    survive a crash: each new folder's entry is fsynced in its parent."""
-    new_parent = not parent.is_dir()
+    """Make sure the folders ``names`` exist under ``parent`` and survive a crash: ``parent``
+    and its own parent are fsynced every time, whoever created the folders (a process that
+    died before its fsync, or another process opening the same store at the same moment)."""
     parent.mkdir(parents=True, exist_ok=True)
-    created = False
     for name in names:
-        try:
-            (parent / name).mkdir()
-            created = True
-        except FileExistsError:
-            pass
-    if created:
-        _fsync_dir(parent)
-    if new_parent:
-        _fsync_dir(parent.parent)
+        (parent / name).mkdir(exist_ok=True)
+    _fsync_dir(parent)
+    _fsync_dir(parent.parent)
 
 
 class FileStore:
@@ -82,7 +75,12 @@ class FileStore:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.tmp = self.root / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        for d in (self.tmp, *(self.root / k for k in _KINDS)):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def ensure_layout(self) -> None:
+        """Make the 256 shard folders per kind durable (the service calls it at start; opening
+        a store only to read it, as the CLI does, writes nothing)."""
         for kind in _KINDS:
             _make_durable_dirs(self.root / kind, [f"{i:02x}" for i in range(256)])
 

@@ -4,6 +4,7 @@ A process without ``reuse_port`` cannot join the port by mistake."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -72,7 +73,8 @@ def test_two_receivers_share_the_port_and_store_each_instance_once(tmp_path: Pat
                 [sys.executable, "-c", "from node.cli import main; main()", "-c", str(config),
                  "serve", "--role", "receiver"], check=False, capture_output=True, text=True,
                 timeout=120,
-                env={"AIDNODE_NODE__REUSE_PORT": "false", "PATH": "/usr/bin:/bin"})
+                env={**{k: v for k, v in os.environ.items() if not k.startswith("AIDNODE_")},
+                     "AIDNODE_NODE__REUSE_PORT": "false"})
             assert lone.returncode != 0
             assert "Address already in use" in lone.stdout + lone.stderr, lone.stderr[-2000:]
 
@@ -100,5 +102,7 @@ def test_two_receivers_share_the_port_and_store_each_instance_once(tmp_path: Pat
         assert sorted(uids) == sorted(str(f.stem) for f in files)
         store = FileStore(cfg.storage.root)
         assert len(list(store.files())) == len(files)
+        # The service laid out the 256 shard folders per kind when it started.
+        assert len(list((store.root / "instances").iterdir())) == 256
     finally:
         db.dispose()

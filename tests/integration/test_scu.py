@@ -18,8 +18,9 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_a_file_arrives_in_its_own_transfer_syntax_unchanged(tmp_path: Path,
                                                             syntax: str) -> None:
-    """A pynetdicom acceptor takes the first syntax proposed that it supports: the file's own
-    comes first, so nothing is decoded and re-encoded on the way."""
+    """A pynetdicom acceptor picks a context's syntax by its own preference (implicit VR
+    first): the file's syntax is offered in a context of its own, so nothing is decoded and
+    re-encoded on the way."""
     ds = cr_image()
     ds.file_meta.TransferSyntaxUID = syntax
     sent = tmp_path / "cr.dcm"

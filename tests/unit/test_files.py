@@ -117,7 +117,9 @@ def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_a_write_fsyncs_its_file_and_its_folder_only(store: FileStore, synced: list[str]) -> None:
-    for _ in range(20):  # any of the 256 shards: all of them exist since the store opened
+    store.ensure_layout()
+    synced.clear()
+    for _ in range(20):  # any of the 256 shards: ensure_layout made them all
         synced.clear()
         stored = store.write(DATA)
         final = store.root / stored.path
@@ -126,24 +128,43 @@ def test_a_write_fsyncs_its_file_and_its_folder_only(store: FileStore, synced: l
         assert synced[1] == str(final.parent)
 
 
-def test_a_removed_shard_folder_is_made_again_durably(store: FileStore,
-                                                      synced: list[str]) -> None:
+def test_a_missing_shard_folder_is_made_durably_by_the_write(store: FileStore,
+                                                            synced: list[str]) -> None:
+    store.ensure_layout()
     for shard in (store.root / "instances").iterdir():
         shard.rmdir()
+    synced.clear()
     stored = store.write(DATA)
     final = store.root / stored.path
     assert final.read_bytes() == DATA
-    assert synced[1:] == [str(final.parent.parent), str(final.parent)]  # its entry, then it
+    # The new folder's entry (and its parent's), then the file's entry in it.
+    assert synced[1:] == [str(final.parent.parent), str(store.root), str(final.parent)]
 
 
-def test_files_from_the_older_two_level_layout_are_still_listed_and_read(
-        store: FileStore) -> None:
-    old = "instances/ab/cd/" + "ab" + "cd" + "0" * 28 + ".dcm"
-    (store.root / old).parent.mkdir(parents=True)
-    (store.root / old).write_bytes(DATA)
-    new = store.write(DATA).path
-    assert sorted(store.files()) == sorted([old, new])
-    assert store.read(old) == DATA
+def test_ensure_layout_makes_the_folders_durable_whoever_made_them(
+        tmp_path: Path, synced: list[str]) -> None:
+    """A process that died between making the folders and fsyncing them, or another process
+    starting on the same store at once, must not leave entries that a power cut could lose."""
+    FileStore(tmp_path / "store").ensure_layout()
+    synced.clear()
+    store = FileStore(tmp_path / "store")
+    store.ensure_layout()  # every folder exists already
+    assert len(list((store.root / "instances").iterdir())) == 256
+    for kind in ("instances", "results"):
+        assert str(store.root / kind) in synced  # the shard folders' entries
+    assert str(store.root) in synced  # the kinds' entries
+
+
+def test_opening_a_store_to_read_it_writes_nothing(tmp_path: Path) -> None:
+    """The CLI opens the store to read it, maybe as a user who may not write there: opening
+    makes no shard folders (the service's ensure_layout does)."""
+    root = tmp_path / "store"
+    FileStore(root)
+    (root / "instances" / "ab" / "cd").mkdir(parents=True)  # an earlier two-level layout
+    store = FileStore(root)
+    assert list(store.files()) == []
+    assert [p.name for p in (root / "instances").iterdir()] == ["ab"]
+    assert list((root / "results").iterdir()) == []
 
 
 @pytest.mark.parametrize("target", ["fsync", "rename"])

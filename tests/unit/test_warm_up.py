@@ -34,15 +34,17 @@ def test_warm_up_loads_each_rule_model_once_and_keeps_nothing(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="node.worker")
     metrics = Metrics()
-    # Two rules, one model: loaded once. A model given by path, as rules may name them.
-    worker = Analyzer(config(untrained_model.parent, str(untrained_model), str(untrained_model)),
-                      db, store, metrics)
+    # Two rules name one model, spelled two ways (paths, as rules may name models): it is
+    # loaded once.
+    worker = Analyzer(config(untrained_model.parent, str(untrained_model),
+                             f"{untrained_model}/"), db, store, metrics)
     assert gc.get_freeze_count() == 0
     worker.warm_up()
     assert len(worker._predictors) == 1
+    assert len([r for r in caplog.records if "loaded on" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "warmed up" in r.getMessage()]) == 2
     # What the model and its libraries left alive is exempt from later collections.
     assert gc.get_freeze_count() > 10_000
-    assert [r.getMessage() for r in caplog.records if "warmed up" in r.getMessage()] != []
     # The throwaway result went nowhere: no file, no row, no finding counted.
     assert list(store.files("results")) == []
     with db.read() as s:
