@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 P_DATA_TF = 0x04  # PS3.8 9.3.1
 PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ .. A-ABORT; pynetdicom reads no body for others
 MAX_CONTROL_PDU = 1 << 20  # any other PDU: an A-ASSOCIATE-RQ with 128 contexts is ~100 KiB
+#: A DIMSE command set is a few hundred bytes (a C-MOVE with a long AE list, a few KiB).
+MAX_COMMAND_SET = 1 << 16
 TLS_MINIMUM = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -70,7 +72,8 @@ class PDULimits:
 
     def __init__(self, sock: AssociationSocket, limits: Limits, peer: str) -> None:
         self._sock, self._recv, self._limits, self._peer = sock, sock.recv, limits, peer
-        self._at_header, self._kind, self._dataset, self.refused = True, 0, 0, False
+        self._at_header, self._kind, self.refused = True, 0, False
+        self._dataset = self._command = 0  # bytes of the message being received, by kind
         sock.recv = self.recv  # type: ignore[method-assign]
 
     def recv(self, nr_bytes: int) -> bytearray:
@@ -87,25 +90,38 @@ class PDULimits:
                                  f"0x{self._kind:02X}) is above our maximum of {limit}")
             return data
         self._at_header = True
-        if self._kind == P_DATA_TF and not self._count(data):
-            self._refuse(ABORT_DATASET_TOO_LARGE, "the data set is larger than "
-                         f"node.max_dataset_bytes ({self._limits.max_dataset_bytes})")
-            return bytearray()
+        if self._kind == P_DATA_TF:
+            why = self._count(data)
+            if why is not None:
+                self._refuse(ABORT_DATASET_TOO_LARGE, why)
+                return bytearray()
         return data
 
-    def _count(self, body: bytes | bytearray) -> bool:
-        """Add the data set fragments of a P-DATA-TF (PS3.8 9.3.5.1); False over the limit."""
+    def _count(self, body: bytes | bytearray) -> str | None:
+        """Add the fragments of a P-DATA-TF (PS3.8 9.3.5.1) to the message they belong to;
+        why the association must end when a data set or a command set grows too large.
+
+        pynetdicom buffers both until their last fragment: a command set never ends for a
+        peer that sends no "last" bit, so it is held to ``MAX_COMMAND_SET`` bytes."""
         at = 0
         while at + 6 <= len(body):
             length, control = struct.unpack_from(">I", body, at)[0], body[at + 5]
-            if not control & 0x01:  # a data set fragment, not a command one (PS3.8 E.2)
-                self._dataset += max(0, length - 2)
+            fragment = max(0, length - 2)
+            if control & 0x01:  # a command fragment (PS3.8 E.2)
+                self._command += fragment
+                if self._command > MAX_COMMAND_SET:
+                    return f"a command set of more than {MAX_COMMAND_SET} bytes"
+                if control & 0x02:  # its last fragment
+                    self._command = 0
+            else:
+                self._dataset += fragment
                 if self._dataset > self._limits.max_dataset_bytes:
-                    return False
+                    return ("the data set is larger than node.max_dataset_bytes "
+                            f"({self._limits.max_dataset_bytes})")
                 if control & 0x02:  # its last fragment: the next data set starts from zero
                     self._dataset = 0
             at += 4 + length
-        return True
+        return None
 
     def _refuse(self, source_reason: tuple[int, int], why: str) -> None:
         log.warning("aborting the association from %s: %s", self._peer, why)

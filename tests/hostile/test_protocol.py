@@ -19,6 +19,7 @@ from tests.hostile.rawpdu import (
     ABORT,
     ASSOCIATE_AC,
     COMMAND_LAST,
+    COMMAND_MORE,
     P_DATA_TF,
     RawPeer,
     abort,
@@ -158,6 +159,22 @@ def test_a_data_set_over_max_dataset_bytes_is_aborted_as_it_arrives(
     no_associations_left(node)
     assert big.SOPInstanceUID not in node.instance_paths()
     assert node.instance_count() == 2 and len(node.files()) == 2
+    assert_still_serving(node)
+
+
+def test_a_command_set_that_never_ends_is_aborted_before_it_fills_memory(
+        node_service: NodeFactory, raw_peer: PeerFactory) -> None:
+    """pynetdicom buffers command fragments until one is marked last: a peer that never marks
+    one would grow that buffer without end, each PDU well within our maximum."""
+    node = node_service()
+    peer = raw_peer(node)
+    peer.associate()
+    chunk = b"\x00" * 16_000
+    for _ in range(5):  # 80 KB of command fragments, none of them the last
+        peer.send(p_data((1, COMMAND_MORE, chunk)))
+    assert assert_aborted_and_closed(peer) == ABORT_DATASET_TOO_LARGE
+    no_associations_left(node)
+    assert_nothing_stored(node)
     assert_still_serving(node)
 
 
