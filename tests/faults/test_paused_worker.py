@@ -12,7 +12,6 @@ thread at once, as a stalled VM or a swap storm would cause; the test continues 
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -98,7 +97,6 @@ def test_frozen_worker_past_its_lease_cannot_publish(
         status, worker, claims = analyze_job(node)
         assert (status, len(claims)) == (JobStatus.RUNNING, 1)
         assert f":{frozen.pid}/" in worker
-        frozen_at = time.monotonic()
 
         # A second worker: once the lease has run out the job is re-queued, and it takes it.
         second = stack.enter_context(serve_role(config, "worker", logs / "second.log"))
@@ -108,7 +106,6 @@ def test_frozen_worker_past_its_lease_cannot_publish(
             return node.jobs(JobKind.DELIVER) == [(JobStatus.SUCCEEDED, 1)]
 
         wait_for(delivered, TIMEOUT_S, what="the second worker's result to be delivered")
-        assert time.monotonic() - frozen_at >= LEASE_S  # reclaimed only after the lease
         assert process_state(frozen.pid) == "T"  # frozen all along
         status, worker, claims = analyze_job(node)
         assert status == JobStatus.SUCCEEDED and len(claims) == 2

@@ -111,14 +111,16 @@ def test_sixteen_storescu_at_once(tmp_path: Path) -> None:
         rss.start()
         cli.start()
         started = time.monotonic()
-        with ThreadPoolExecutor(SENDERS) as pool:
-            runs = list(pool.map(
-                lambda i: storescu(cfg.node.host, cfg.node.port, [sets[i][0].parent],
-                                   aet=f"LOAD{i:02d}", called_aet=NODE_AE, timeout=900),
-                range(SENDERS)))
-        seconds = time.monotonic() - started
-        calls = cli.finish()
-        samples = [v for v in rss.finish() if v is not None]
+        try:
+            with ThreadPoolExecutor(SENDERS) as pool:
+                runs = list(pool.map(
+                    lambda i: storescu(cfg.node.host, cfg.node.port, [sets[i][0].parent],
+                                       aet=f"LOAD{i:02d}", called_aet=NODE_AE, timeout=900),
+                    range(SENDERS)))
+            seconds = time.monotonic() - started
+        finally:  # the samplers stop even when a sender fails
+            calls = cli.finish()
+            samples = [v for v in rss.finish() if v is not None]
         stop(proc, folder)
 
     acknowledged = [(r.stdout + r.stderr).count(SUCCESS_LINE) for r in runs]
