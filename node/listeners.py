@@ -184,18 +184,20 @@ class ReceiverServer(_Server):
     """The plain DICOM port; it owns the TLS server, if any, and stops it with itself."""
 
     tls: TLSServer | None = None
+    _tls_closed: bool = False
 
     @property
     def active_associations(self) -> list[Association]:
-        """The associations in progress on both ports."""
+        """The associations in progress on both ports (also once they are closed, so a stop
+        can wait for the TLS port's associations to finish)."""
         own = super().active_associations
         return own + (self.tls.active_associations if self.tls is not None else [])
 
     def server_close(self) -> None:
         super().server_close()
-        tls, self.tls = self.tls, None
-        if tls is not None:
-            tls.shutdown()  # stop its accept loop, close its socket, leave ae._servers
+        if self.tls is not None and not self._tls_closed:
+            self._tls_closed = True
+            self.tls.shutdown()  # stop its accept loop, close its socket, leave ae._servers
             log.info("DICOM TLS port closed")
 
 

@@ -9,6 +9,8 @@ import logging
 import re
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,6 +195,48 @@ def test_stopping_the_service_closes_both_ports(node_service: NodeFactory, pki: 
     for port in (node.port, tls_port(node)):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((node.host, port), timeout=5).close()
+
+
+@pytest.mark.integration
+def test_stopping_waits_for_an_association_in_progress_on_the_tls_port(
+        node_service: NodeFactory, pki: Path) -> None:
+    """A stop drains the TLS port as it drains the plain one: the association in progress may
+    still store, and the stop ends once it is released."""
+    node = node_service(node={"tls": tls_table(pki)})
+    ae = AE(ae_title="TLSSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    held = ae.associate(node.host, tls_port(node), ae_title=NODE_AE,
+                        tls_args=(client_context(pki), "127.0.0.1"))
+    try:
+        assert held.is_established
+        stopping = threading.Thread(target=node.service.stop, kwargs={"grace_s": 60})
+        stopping.start()
+        wait_for(lambda: not _accepting(node, node.port) and not _accepting(node, tls_port(node)),
+                 10, what="both ports to close")
+        # Both ports are closed and the stop now drains: it must wait for this association
+        # (before the fix it went on at once, the TLS port's associations out of its sight).
+        time.sleep(1)
+        assert stopping.is_alive() and not node.service.stopping.is_set()
+        (ds,) = ct_series(1, rows=16, cols=16)
+        rsp = held.send_c_store(ds)  # the association in progress finishes its work
+        assert int(rsp.Status) == Status.SUCCESS
+        held.release()
+        stopping.join(timeout=30)
+        assert not stopping.is_alive()
+    finally:
+        if held.is_established:
+            held.abort()
+        ae.shutdown()
+    assert ds.SOPInstanceUID in node.instance_paths()
+
+
+def _accepting(node: RunningNode, port: int) -> bool:
+    try:
+        socket.create_connection((node.host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 # -- configuration ----------------------------------------------------------------------------
