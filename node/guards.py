@@ -29,14 +29,15 @@ def valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID_SYNTAX.fullmatch(value))
 
 
-def check_inflated_size(raw: bytes, limit: int) -> None:
-    """Inflate a deflated data set (PS3.5 A.5) in pieces, keeping none, to check its size.
+def check_inflated_size(raw: bytes, limit: int) -> bytes:
+    """Inflate a deflated data set (PS3.5 A.5) in pieces, checking its size as it grows;
+    return the inflated bytes (at most ``limit``), for ``check_complete``.
 
     Raises DatasetTooLargeError as soon as more than ``limit`` bytes came out (a deflate bomb
     inflates to gigabytes from a few megabytes), InvalidDatasetError when it is not deflate data.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    pending, total = raw, 0
+    pending, total, pieces = raw, 0, []
     try:
         while not inflater.eof:
             out = inflater.decompress(pending, INFLATE_CHUNK)
@@ -44,11 +45,13 @@ def check_inflated_size(raw: bytes, limit: int) -> None:
             if total > limit:
                 raise DatasetTooLargeError(
                     f"the deflated data set inflates to more than node.max_dataset_bytes ({limit})")
+            pieces.append(out)
             pending = inflater.unconsumed_tail
             if not out and not pending:
-                return  # truncated: decoding the data set reports it
+                break  # the deflate stream itself is cut short: check_complete finds the rest
     except zlib.error as exc:
         raise InvalidDatasetError(f"the deflated data set cannot be inflated: {exc}") from exc
+    return b"".join(pieces)
 
 
 def check_complete(raw: bytes, implicit_vr: bool, little_endian: bool) -> None:

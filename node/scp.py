@@ -203,7 +203,9 @@ def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
             raise DatasetTooLargeError(f"dataset is larger than node.max_dataset_bytes ({limit})")
         syntax = event.context.transfer_syntax
         if syntax == DeflatedExplicitVRLittleEndian:
-            check_inflated_size(raw, limit)  # before pynetdicom inflates it all at once
+            # Before pynetdicom inflates it all at once; then the inflated bytes are checked
+            # like any other data set (explicit VR little endian under the deflate).
+            check_complete(check_inflated_size(raw, limit), False, True)
         else:
             check_complete(raw, syntax.is_implicit_VR, syntax.is_little_endian)
         try:

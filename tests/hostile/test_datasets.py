@@ -273,6 +273,23 @@ def test_a_deflated_data_set_is_stored(node_service: NodeFactory,
     assert_consistent(node)
 
 
+@pytest.mark.parametrize("name", ["value cut short", "header cut short"])
+def test_a_deflated_data_set_cut_short_is_0xC210(node_service: NodeFactory,
+                                                 raw_peer: PeerFactory, name: str) -> None:
+    """A complete deflate stream of a data set that is itself cut short."""
+    node = node_service()
+    ds = ct()
+    peer = raw_peer(node)
+    assert peer.associate(contexts=DEFLATED_CT).context_results() == {1: 0}
+
+    status = store(peer, c_store_rq(CTImageStorage, ds.SOPInstanceUID),
+                   deflate(BROKEN[name](encode_dataset(ds))))
+
+    assert status == Status.ERROR_CANNOT_UNDERSTAND
+    assert_nothing_stored(node)
+    assert_still_serving(node)
+
+
 def test_a_deflate_bomb_is_0xA700_in_bounded_memory(node_service: NodeFactory,
                                                     raw_peer: PeerFactory) -> None:
     node = node_service(node={"max_dataset_bytes": 8 * 2**20})
