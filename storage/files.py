@@ -2,9 +2,10 @@
 
 A write goes to a temporary file on the same filesystem, is fsynced, renamed to a server-chosen
 path (a random name, never one built from a UID) and the directory is fsynced; only then does
-``write`` return. The 256 shard folders per kind are made when the service starts, so a write fsyncs
-its file and one folder, never a new folder's parent as well (``ensure_layout``). Paths in the database are relative
-to the root, so the root can move or sit on a filesystem that several processes mount.
+``write`` return. The 256 shard folders per kind are made when the service starts
+(``ensure_layout``), so a write fsyncs its file and one folder, never a new folder's parent as
+well. Paths in the database are relative to the root, so the root can move or sit on a
+filesystem that several processes mount.
 """
 
 from __future__ import annotations
