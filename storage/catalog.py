@@ -78,7 +78,7 @@ _BUMP_SERIES = (
 _INSERT_INSTANCE = insert(_instances)
 _REPLACE_INSTANCE = update(_instances).where(_instances.c.id == bindparam("b_id"))
 _REGROW_STUDY = (update(_studies).where(_studies.c.id == bindparam("b_id"))
-                 .values(state=StudyState.RECEIVING))
+                 .values(state=StudyState.RECEIVING, last_received_at=bindparam("b_now")))
 #: INSERT unless a row with the same unique key exists (it may be another receiver's).
 _INSERT_IGNORE = {
     (name, table.name): dialect.insert(table).on_conflict_do_nothing(index_elements=[key])
@@ -142,7 +142,7 @@ def record_instance(s: Session, m: InstanceMeta, stored: StoredFile,
         conn.execute(_REPLACE_INSTANCE, {
             "b_id": existing.id, "path": stored.path, "size": stored.size, "sha256": m.sha256,
             "transfer_syntax_uid": m.transfer_syntax_uid, "received_at": now})
-        conn.execute(_REGROW_STUDY, {"b_id": existing.study_id, "last_received_at": now})
+        conn.execute(_REGROW_STUDY, {"b_id": existing.study_id, "b_now": now})
         return Recorded.REPLACED, existing.path
     study_id = _study_id(conn, m, now)
     series_id = _series_id(conn, study_id, m)

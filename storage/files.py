@@ -118,7 +118,7 @@ class FileStore:
                 crash_point("store.after_write")
                 os.fsync(fh.fileno())
             crash_point("store.after_fsync")
-            if not final.parent.is_dir():  # removed since the store opened
+            if not final.parent.is_dir():  # not laid out yet (ensure_layout), or removed
                 _make_durable_dirs(final.parent.parent, [final.parent.name])
             os.rename(tmp, final)
             _fsync_dir(final.parent)
