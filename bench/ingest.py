@@ -53,13 +53,16 @@ from common import (
 from tests.dicomgen import ct_series, write_all
 from tests.peers import LOOPBACK, _stop, dcmtk_storescp, free_port, orthanc, storescu, wait_for_port
 
-RECEIVERS = ("dcmtk", "orthanc", "aidnode", "pynetdicom", "pynetdicom-null")
+RECEIVERS = ("dcmtk", "orthanc", "aidnode", "aidnode-1ms", "pynetdicom", "pynetdicom-null",
+             "pynetdicom-null-paced")
 LABELS = {
     "dcmtk": "dcmtk storescp (TCP_NODELAY=1, no fsync)",
     "orthanc": "Orthanc (TCP_NODELAY=1, fsync + SQLite)",
     "aidnode": "aidnode serve (fsync + SQLite FULL)",
+    "aidnode-1ms": "aidnode serve, node.adaptive_polling off (pynetdicom's 1 ms polls)",
     "pynetdicom": "pynetdicom storescp app",
     "pynetdicom-null": "pynetdicom SCP that stores nothing (bench/nullscp.py)",
+    "pynetdicom-null-paced": "the same, its reactors paced by node.pacing",
     "aidnode-x": "aidnode, {n} associations (aggregate)",
     "aidnode-2rx": "aidnode, 2 receiver processes on one port (node.reuse_port), {n} associations "
                    "(aggregate)",
@@ -132,6 +135,13 @@ def run_aidnode(tmp: Path) -> Iterator[Receiver]:
 
 
 @contextmanager
+def run_aidnode_1ms(tmp: Path) -> Iterator[Receiver]:
+    with aidnode_serve(tmp / "aidnode", node={"dimse_timeout_s": 60, "network_timeout_s": 60,
+                                              "adaptive_polling": False}) as node:
+        yield node.host, node.port, node.ae_title, node.instance_count, node.proc.pid
+
+
+@contextmanager
 def run_aidnode_two(tmp: Path) -> Iterator[Receiver]:
     """Two ``serve --role receiver`` processes sharing the port (SO_REUSEPORT), one SQLite."""
     with aidnode_serve(tmp / "aidnode", role="receiver",
@@ -149,12 +159,12 @@ def run_pynetdicom(tmp: Path) -> Iterator[Receiver]:
 
 
 @contextmanager
-def run_null(tmp: Path) -> Iterator[Receiver]:
+def run_null(tmp: Path, *extra: str) -> Iterator[Receiver]:
     counter = tmp / "count"
     counter.touch()
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("nullscp.py")),
-                             str(port), str(counter)], stdin=subprocess.DEVNULL)
+                             str(port), str(counter), *extra], stdin=subprocess.DEVNULL)
     try:
         wait_for_port(LOOPBACK, port, timeout=60, proc=proc)
         yield LOOPBACK, port, "NULLSCP", lambda: counter.stat().st_size, None
@@ -165,6 +175,8 @@ def run_null(tmp: Path) -> Iterator[Receiver]:
 STARTERS: dict[str, Callable[[Path], AbstractContextManager[Receiver]]] = {
     "dcmtk": run_dcmtk, "orthanc": run_orthanc, "aidnode": run_aidnode,
     "pynetdicom": run_pynetdicom, "pynetdicom-null": run_null, "aidnode-2rx": run_aidnode_two,
+    "aidnode-1ms": run_aidnode_1ms,
+    "pynetdicom-null-paced": lambda tmp: run_null(tmp, "--paced"),
 }
 
 
@@ -237,6 +249,10 @@ def summarise(report: Report) -> None:
                None if scale_two is None else scale_two >= 1.5),
         Target("pynetdicom storing nothing / Orthanc (the ceiling under aidnode)", "reported",
                fmt(_ratio(m.get("pynetdicom-null"), m.get("orthanc")), 2), None),
+        Target("the same with node.pacing / Orthanc", "reported",
+               fmt(_ratio(m.get("pynetdicom-null-paced"), m.get("orthanc")), 2), None),
+        Target("aidnode / aidnode with pynetdicom's 1 ms polls (node.adaptive_polling)",
+               "reported", fmt(_ratio(m.get("aidnode"), m.get("aidnode-1ms")), 2), None),
         Target("aidnode peak RSS over the ingest (MiB)", "reported",
                fmt(max(peaks) if peaks else None), None),
     ]

@@ -71,6 +71,8 @@ class NodeConfig(_Section):
     # SO_REUSEPORT: several `serve --role receiver` processes on one host listen on the same
     # port(s) and the kernel spreads associations over them (Linux).
     reuse_port: bool = False
+    # Shorter pynetdicom reactor polls while an association streams (node.pacing).
+    adaptive_polling: bool = True
     tls: ReceiverTLSConfig | None = None
 
     _ae = field_validator("ae_title")(_check_ae)

@@ -23,6 +23,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.exc import IntegrityError
 
+from node import pacing
 from node.config import Config, PeerConfig
 from node.errors import DatasetTooLargeError, InvalidDatasetError
 from node.guards import check_complete, check_dataset, check_inflated_size
@@ -193,6 +194,11 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
 
 def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
     """Store one instance durably, then answer (DESIGN §2 step 2, §5)."""
+    with pacing.storing(event.assoc):
+        return _store(event, rx)
+
+
+def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
     started = time.perf_counter()
     st = rx.stats(event.assoc)
     stored_path: str | None = None
@@ -268,6 +274,10 @@ def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
 def build_ae(cfg: Config) -> AE:
     """An AE offering Verification and every storage SOP class with all transfer syntaxes."""
     configure_pynetdicom()
+    if cfg.node.adaptive_polling:
+        pacing.install()
+    else:
+        pacing.uninstall()
     ae = AE(ae_title=cfg.node.ae_title)
     ae.maximum_associations = cfg.node.max_associations
     ae.acse_timeout = cfg.node.acse_timeout_s
