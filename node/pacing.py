@@ -93,13 +93,18 @@ def poll_delay(assoc: Any, now: float | None = None) -> float:
 def _reactor_sleep() -> None:
     thread = threading.current_thread()
     assoc = getattr(thread, "assoc", None)  # the DUL's thread; None: the association's own
-    st = _states.get(thread if assoc is None else assoc)
-    if assoc is not None and st is not None:
+    key = thread if assoc is None else assoc
+    st = _states.get(key)
+    if st is None or (not st.in_handler
+                      and time.monotonic() - st.last_store > BUSY_WINDOW_S):
+        time.sleep(REACTOR_DELAY_S)  # idle, or not an association we serve: pynetdicom's poll
+        return
+    if assoc is not None:
         st.handler_done.clear()  # before the check: a handler ending after it sets it again
         if st.in_handler:
             st.handler_done.wait(REACTOR_DELAY_S)
             return
-    time.sleep(poll_delay(thread if assoc is None else assoc))
+    time.sleep(poll_delay(key))
 
 
 class _PacedTime:
