@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
+import inference.sr
 from inference.errors import ResultBuildError
 from inference.prediction import DISCLAIMER, Finding, ImageRef, LabelCode, Prediction
 from inference.sr import ABSENT, PRESENT, PROBABILITY, SYNTHETIC_NOTE, build_sr
@@ -258,7 +260,8 @@ def test_every_analysed_image_is_referenced() -> None:
     sr = read_back(build(prediction, slices))
     wanted = {s.SOPInstanceUID for s in slices}
     for group in report_of(sr).get_image_measurement_groups():
-        assert {i.referenced_sop_instance_uid for i in group.source_images} == wanted
+        assert [i.referenced_sop_instance_uid for i in group.source_images] == [
+            s.SOPInstanceUID for s in slices]
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
@@ -266,6 +269,29 @@ def test_every_analysed_image_is_referenced() -> None:
         for item in series.ReferencedSOPSequence
     }
     assert evidence == wanted
+
+
+@pytest.mark.parametrize("n_slices", [1, 3, 40])
+def test_group_sources_added_after_the_build_give_highdicoms_own_document(
+        monkeypatch: pytest.MonkeyPatch, n_slices: int) -> None:
+    """build_sr builds each group with its first source image and inserts the others after
+    highdicom's build (its cost grows with findings x images): the document must be the one
+    highdicom builds with every reference in every group."""
+    slices = make_ct_series()
+    slices = [copy.deepcopy(slices[i % 3]) for i in range(n_slices)]
+    for i, s in enumerate(slices):
+        s.SOPInstanceUID = f"{STUDY}.2.{i + 1}"
+    prediction = make_prediction(slices)
+    fast = build(prediction, slices)
+    monkeypatch.setattr(inference.sr, "_DEFER_GROUP_SOURCES", False)
+    full = build(prediction, slices)
+    assert fast.ContentSequence == full.ContentSequence
+    assert (fast.CurrentRequestedProcedureEvidenceSequence
+            == full.CurrentRequestedProcedureEvidenceSequence)
+    for ds in (fast, full):  # and every group holds every slice, in order
+        for group in report_of(read_back(ds)).get_image_measurement_groups():
+            assert [i.referenced_sop_instance_uid for i in group.source_images] == [
+                s.SOPInstanceUID for s in slices]
 
 
 def test_frames_of_a_multiframe_image_are_referenced() -> None:
