@@ -67,11 +67,15 @@ def storing(assoc: Any) -> Iterator[None]:
     While the handler runs the DUL has nothing to send, so it waits for the handler's end (or
     1 ms) instead of polling, and leaves the interpreter to the handler.
     """
-    with _lock:
-        st = _states.get(assoc)
-        if st is None:
-            st = _states[assoc] = _State()
-        st.last_store, st.in_handler = time.monotonic(), True
+    try:
+        with _lock:
+            st = _states.get(assoc)
+            if st is None:
+                st = _states[assoc] = _State()
+            st.last_store, st.in_handler = time.monotonic(), True
+    except TypeError:  # cannot be weakly referenced, so not a pynetdicom Association: not paced
+        yield
+        return
     try:
         yield
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,17 @@ def test_a_handler_ending_wakes_a_waiting_dul() -> None:
         pass
     assert woke.wait(5)
     thread.join(5)
+
+
+def test_an_association_that_cannot_be_weakly_referenced_is_served_unpaced() -> None:
+    """What a handler gets is normally a pynetdicom Association; anything else (the fuzz tests
+    pass a namespace) is stored all the same, just not paced."""
+    other = types.SimpleNamespace()
+    ran = False
+    with pacing.storing(other):
+        ran = True
+    assert ran
+    assert len(pacing._states) == 0
 
 
 def test_other_sleeps_pass_through(fake_time: FakeTime) -> None:
