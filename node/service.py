@@ -87,8 +87,17 @@ def open_storage(cfg: Config) -> tuple[Database, FileStore]:
     return db, store
 
 
+def log_training(done: int, total: int, loss: float) -> None:
+    """Training progress for the log: ten lines for a whole run (the first `serve` trains the
+    demo model for minutes, and whoever watches the journal should see it move)."""
+    if done == total or done % max(1, total // 10) == 0:
+        log.info("training the demo model: step %d of %d (%d%%), loss %.3f",
+                 done, total, 100 * done // max(1, total), loss)
+
+
 def ensure_models(cfg: Config, progress: Callable[[int, int, float], None] | None = None) -> None:
-    """Build the demo model when a rule names it and it is not installed yet."""
+    """Build the demo model when a rule names it and it is not installed yet; ``progress``
+    (default: ``log_training``) gets each training step."""
     if any(r.model == models.DEMO for r in cfg.rules):
         try:
             models.resolve(cfg, models.DEMO)
@@ -98,7 +107,7 @@ def ensure_models(cfg: Config, progress: Callable[[int, int, float], None] | Non
             log.info("demo model not installed: training it now (a few minutes on CPU)")
             report = build_demo_package(models.model_dir(cfg, models.DEMO),
                                         steps=cfg.inference.demo_steps, seed=0,
-                                        progress=progress)
+                                        progress=progress or log_training)
             log.info("demo model ready: %s", report)
 
 
