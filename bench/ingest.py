@@ -10,8 +10,8 @@ same with ``node.adaptive_polling`` off, pynetdicom's own ``storescp`` app, and 
 that keeps nothing (``bench/nullscp.py``: the ceiling of the network library aidnode is built
 on), also with its reactors paced by ``node.pacing`` (``--paced``). Peers run with
 TCP_NODELAY=1 in their environment. Each receiver is started fresh for its run and stopped after
-it; the order rotates every round. The receiving side is counted (files, Orthanc /statistics, aidnode instance rows): a run where not
-all arrived is reported as incomplete and not timed. Then N concurrent storescu processes (the
+it; the order rotates every round. The receiving side is counted (files, Orthanc /statistics,
+aidnode instance rows): a run where not all arrived is reported as incomplete and not timed. Then N concurrent storescu processes (the
 instances split between them) send to aidnode, as one process and as two ``--role receiver``
 processes sharing the port (``node.reuse_port``): aggregate images/s against one association.
 aidnode's VmRSS is sampled every 50 ms during each of its runs and read again after it.
