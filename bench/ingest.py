@@ -3,18 +3,19 @@
     python bench/ingest.py [--rounds 3] [--instances 300] [--concurrency 8] [--json]
                            [--receivers dcmtk,orthanc,aidnode,aidnode-1ms,pynetdicom,...]
 
-dcmtk ``storescu`` (TCP_NODELAY=1 in its environment) sends one folder over one association to,
-in turn: dcmtk ``storescp``, Orthanc (Debian package, throwaway config), ``aidnode serve`` (a
-subprocess with a temp config: durable writes, no rule matches, no workers, no metrics), the
-same with ``node.adaptive_polling`` off, pynetdicom's own ``storescp`` app, and a pynetdicom SCP
-that keeps nothing (``bench/nullscp.py``: the ceiling of the network library aidnode is built
-on), also with its reactors paced by ``node.pacing`` (``--paced``). Peers run with
-TCP_NODELAY=1 in their environment. Each receiver is started fresh for its run and stopped after
-it; the order rotates every round. The receiving side is counted (files, Orthanc /statistics,
-aidnode instance rows): a run where not all arrived is reported as incomplete and not timed. Then N concurrent storescu processes (the
-instances split between them) send to aidnode, as one process and as two ``--role receiver``
-processes sharing the port (``node.reuse_port``): aggregate images/s against one association.
-aidnode's VmRSS is sampled every 50 ms during each of its runs and read again after it.
+dcmtk ``storescu`` (TCP_NODELAY=1 in its environment) sends one folder over one association to, in
+turn: dcmtk ``storescp``, Orthanc (Debian package, throwaway config), ``aidnode serve`` (a
+subprocess with a temp config: durable writes, no rule matches, no workers, no metrics), the same
+with ``node.adaptive_polling`` off, pynetdicom's own ``storescp`` app, and a pynetdicom SCP that
+keeps nothing (``bench/nullscp.py``: the ceiling of the network library aidnode is built on), also
+with its reactors paced by ``node.pacing`` (``--paced``). Peers run with TCP_NODELAY=1 in their
+environment. Each receiver is started fresh for its run and stopped after it; the order rotates
+every round. The receiving side is counted (files, Orthanc /statistics, aidnode instance rows): a
+run where not all arrived is reported as incomplete and not timed. Then N concurrent storescu
+processes (the instances split between them) send to aidnode, as one process and as two ``--role
+receiver`` processes sharing the port (``node.reuse_port``): aggregate images/s against one
+association. aidnode's VmRSS is sampled every 50 ms during each of its runs and read again after
+it.
 """
 
 from __future__ import annotations
