@@ -244,7 +244,9 @@ class Analyzer:
         with phases.timed("load"):
             predictor = self.predictor(ref)
         with phases.timed("read"):
-            datasets = [dcmread(self.store.path(i.path)) for i in instances]
+            paths = [self.store.path(i.path) for i in instances]
+            self.store.prefetch(paths)
+            datasets = [dcmread(p) for p in paths]
         with phases.timed("model"):
             prediction: Prediction = predictor.predict(datasets)
         self.metrics.inference_seconds.labels(ref.name, ref.version).observe(prediction.seconds)

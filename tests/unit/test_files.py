@@ -224,6 +224,25 @@ def test_remove_deletes_a_stored_file_and_refuses_escapes(store: FileStore,
     assert outside.read_bytes() == b"keep"
 
 
+def test_prefetch_advises_the_kernel_for_each_file_and_skips_missing_ones(
+        store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    stored = [store.path(store.write(bytes([n]) * 1000).path) for n in range(3)]
+    advised: list[tuple[str, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    store.prefetch([stored[0], store.root / "instances" / "gone.dcm", *stored[1:]])
+    assert advised == [(str(p), os.POSIX_FADV_WILLNEED) for p in stored]
+    assert [p.read_bytes() for p in stored] == [bytes([n]) * 1000 for n in range(3)]
+    fds_before = len(os.listdir("/proc/self/fd"))
+    store.prefetch(stored)
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # every descriptor is closed
+
+
 def test_clean_tmp_removes_leftover_part_files(store: FileStore) -> None:
     for name in ("a.part", "b.part"):
         (store.tmp / name).write_bytes(b"half a dataset")
