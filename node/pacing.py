@@ -49,6 +49,7 @@ BUSY_WINDOW_S = 0.05
 #: pynetdicom versions whose reactors were read and measured with this module.
 TESTED_VERSIONS = ("3.0.",)
 
+
 @dataclass
 class _State:
     last_store: float = 0.0  # monotonic time a C-STORE last started or ended
