@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import ssl
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +49,22 @@ def _nodelay(event: evt.Event) -> None:
     set_nodelay(getattr(event.assoc.dul.socket, "socket", None))
 
 
+def _wake_waiter_when_gone(assoc: Any) -> None:
+    """Once ``assoc``'s reactor thread has ended, end any wait for a response on it at once.
+
+    When the peer aborts or drops the connection, pynetdicom's state machine puts ``(None,
+    None)`` on the DIMSE queue to wake a caller waiting for a response. But ``send_c_store()``
+    first reads and encodes the file, and only then pauses the reactor; if the peer goes in
+    that window, the reactor's own poll takes the ``(None, None)`` and ends, and the call then
+    waits out the whole DIMSE timeout (60 s for deliveries) for a response that cannot come.
+    A CI run lost a minute that way when a PACS stopped just after accepting. Putting it back
+    once the reactor has ended makes the call return no status at once, which ``send_files``
+    reports as a lost association; after a normal release nobody reads it.
+    """
+    assoc.join()
+    assoc.dimse.msg_queue.put((None, None))
+
+
 @contextmanager
 def associate(peer: Peer, calling_ae: str, contexts: Iterable[tuple[str, list[str]]],
               timeout_s: float = 30) -> Iterator[Any]:
@@ -65,6 +82,8 @@ def associate(peer: Peer, calling_ae: str, contexts: Iterable[tuple[str, list[st
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
             "could not connect"
         raise AssociationError(f"association with {peer} {why}")
+    threading.Thread(target=_wake_waiter_when_gone, args=(assoc,), daemon=True,
+                     name=f"watch-{peer.ae_title}").start()
     try:
         yield assoc
     except BaseException:

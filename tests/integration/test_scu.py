@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
+import pynetdicom.association
 import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
+from node.errors import AssociationError
 from node.scu import Peer, send_files
 from node.standin import StandInPACS
 from tests.dicomgen import cr_image
+from tests.peers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -35,3 +42,57 @@ def test_a_file_arrives_in_its_own_transfer_syntax_unchanged(tmp_path: Path,
     got, want = dcmread(received), dcmread(sent)
     assert got.file_meta.TransferSyntaxUID == syntax  # as stored: nothing was transcoded
     assert got == want  # every data element, pixel data included
+
+
+def test_a_peer_that_aborts_before_the_first_request_fails_the_send_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom 3.0's send_c_store() reads the file before it pauses the reactor. If the
+    peer aborts in between, the reactor takes the state machine's wake-up off the DIMSE queue
+    and ends, and the call waited the whole DIMSE timeout for a response (a CI run: a PACS
+    stopped just after accepting, and the delivery thread came back a minute later). It must
+    fail at once."""
+    ds = cr_image()
+    sent = tmp_path / "cr.dcm"
+    ds.save_as(sent, enforce_file_format=True)
+    aborted = threading.Event()
+
+    def abort_at_once(event: evt.Event) -> None:
+        event.assoc.abort()
+        aborted.set()
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_ACCEPTED, abort_at_once)])
+    assert server is not None
+    read = pynetdicom.association.dcmread
+
+    def read_once_the_reactor_has_gone(*args: Any, **kwargs: Any) -> Any:
+        # Between send_c_store()'s check that the association is up and its wait for the
+        # reactor: hold the read until the peer's abort has ended our side's reactor.
+        assert aborted.wait(10)
+        for t in threading.enumerate():
+            if isinstance(t, Association) and t.is_requestor:
+                t.join(10)
+                assert not t.is_alive()
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(pynetdicom.association, "dcmread", read_once_the_reactor_has_gone)
+    outcome: list[BaseException | None] = []
+
+    def send() -> None:
+        try:
+            send_files(Peer("PACS", "127.0.0.1", port), [sent], timeout_s=60)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    try:
+        sender.start()
+        sender.join(30)  # well under the 60 s DIMSE timeout
+        assert not sender.is_alive(), "send_files() still waiting after 30 s"
+        assert len(outcome) == 1 and isinstance(outcome[0], AssociationError), outcome
+    finally:
+        server.shutdown()
