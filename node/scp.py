@@ -251,7 +251,8 @@ def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
             except OSError:  # the instance is stored; an unreferenced file is swept at start
                 log.warning("could not remove unreferenced file %s", unused)
     except Exception as exc:
-        if stored_path is not None:
+        if stored_path is not None and not catalog.keep_after_failure(rx.db, exc,
+                                                                      [stored_path]):
             rx.store.remove(stored_path)
         status = status_for(exc)
         st.failed += 1

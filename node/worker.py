@@ -29,7 +29,7 @@ from node import models
 from node.assembly import input_hash
 from node.config import Config
 from node.metrics import Metrics
-from storage import clock, jobs
+from storage import catalog, clock, jobs
 from storage.db import Database
 from storage.errors import JobStateError, StorageError
 from storage.faults import crash_point
@@ -265,9 +265,10 @@ class Analyzer:
         try:
             with phases.timed("publish"):
                 return self._publish(job, study, prediction, previous, written, instances)
-        except BaseException:
-            for _, f in written:
-                self.store.remove(f.path)
+        except BaseException as exc:
+            if not catalog.keep_after_failure(self.db, exc, [f.path for _, f in written]):
+                for _, f in written:
+                    self.store.remove(f.path)
             raise
 
     def _build(self, study_uid: str, datasets: Sequence[Dataset], p: Prediction,

@@ -14,9 +14,11 @@ not ORM objects, built once: this runs once per received instance.
 from __future__ import annotations
 
 import enum
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -25,6 +27,11 @@ from sqlalchemy.orm import Session
 from storage import clock
 from storage.files import StoredFile
 from storage.models import Instance, Series, Study, StudyState
+
+if TYPE_CHECKING:
+    from storage.db import Database
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,40 @@ def record_instance(s: Session, m: InstanceMeta, stored: StoredFile,
         "path": stored.path, "size": stored.size, "sha256": m.sha256, "received_at": now,
         "association_id": m.association_id})
     return Recorded.NEW, None
+
+
+def is_recorded(s: Session, path: str) -> bool:
+    """Whether a row (an instance or a result object) names the file at ``path``."""
+    from storage.models import ResultObject
+
+    return any(s.execute(select(column).where(column == path).limit(1)).first() is not None
+               for column in (Instance.path, ResultObject.path))
+
+
+def keep_after_failure(db: Database, exc: BaseException, paths: Iterable[str]) -> bool:
+    """After ``exc`` ended the transaction that was to record ``paths``: whether the new files
+    must stay instead of being removed.
+
+    A COMMIT can fail after the server has committed (a PostgreSQL connection lost while the
+    server answered; ``DatabaseUnavailableError.maybe_committed``). Rows then name the files,
+    and removing them loses what they hold: an instance whose re-send is taken for a duplicate
+    of its row, results that can never be delivered. When the database cannot say, the files
+    stay too; a file that no row names is removed at the next start.
+    """
+    if not getattr(exc, "maybe_committed", False):
+        return False
+    paths = list(paths)
+    try:
+        with db.read() as s:
+            recorded = any(is_recorded(s, p) for p in paths)
+    except Exception:  # noqa: BLE001 - cannot tell: keep the files
+        log.warning("the COMMIT for %s failed and the database cannot say whether it took "
+                    "effect; the files are kept", ", ".join(paths))
+        return True
+    if recorded:
+        log.warning("the COMMIT for %s failed after it took effect; the files are kept",
+                    ", ".join(paths))
+    return recorded
 
 
 def known_paths(s: Session) -> set[str]:

@@ -119,15 +119,18 @@ class Database:
     @contextmanager
     def _session(self, factory: sessionmaker[Session], commit: bool = True) -> Iterator[Session]:
         session = factory()
+        committing = False
         try:
             session.connection()  # begin now, so a locked database fails here, not mid-work
             yield session
             if commit:
+                committing = True
                 session.commit()
             # a reader just closes: the transaction ends, loaded objects stay readable
         except OperationalError as exc:
             session.rollback()
-            raise DatabaseUnavailableError(f"database unavailable: {exc.orig}") from exc
+            raise DatabaseUnavailableError(f"database unavailable: {exc.orig}",
+                                           maybe_committed=committing) from exc
         except BaseException:
             session.rollback()
             raise

@@ -22,9 +22,17 @@ class StoreWriteError(StorageError):
 
 
 class DatabaseUnavailableError(StorageError):
-    """The database is locked past the busy timeout or cannot be reached."""
+    """The database is locked past the busy timeout or cannot be reached.
+
+    ``maybe_committed``: the COMMIT itself failed, so the server may have committed all the
+    same (a connection lost while it answered).
+    """
 
     retryable = True
+
+    def __init__(self, message: str, maybe_committed: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_committed = maybe_committed
 
 
 class SchemaOutOfDateError(StorageError):

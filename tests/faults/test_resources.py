@@ -15,12 +15,16 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pydicom import dcmwrite
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from node.status import Status
+from storage import catalog
 from tests.conftest import RunningNode
 from tests.dicomgen import ct_series
 from tests.integration.test_receiver import assert_consistent, send
@@ -142,3 +146,47 @@ def test_database_locked_past_the_busy_timeout_answers_0xA700(
     assert send(node, *rest) == [Status.SUCCESS] * 2  # the retry after the lock is released
     assert set(node.instance_paths()) == {ds.SOPInstanceUID for ds in (first, *rest)}
     assert_consistent(node)
+
+
+@pytest.fixture
+def lost_after_commit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The first C-STORE's COMMIT takes effect, then raises as a PostgreSQL connection lost
+    while the server answered would; the list gets the SOP Instance UID it happened to."""
+    hit: list[str] = []
+    record, commit = catalog.record_instance, Session.commit
+
+    def record_and_arm(s: Session, meta: catalog.InstanceMeta, *args: Any, **kwargs: Any) -> Any:
+        if not hit:
+            hit.append(meta.sop_instance_uid)
+            s.info["lose_after_commit"] = True
+        return record(s, meta, *args, **kwargs)
+
+    def commit_then_lose(self: Session) -> None:
+        commit(self)
+        if self.info.pop("lose_after_commit", False):
+            raise OperationalError("COMMIT", None,
+                                   Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(catalog, "record_instance", record_and_arm)
+    monkeypatch.setattr(Session, "commit", commit_then_lose)
+    return hit
+
+
+def test_a_commit_that_fails_after_taking_effect_keeps_the_file(
+        node_service: NodeFactory, lost_after_commit: list[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The row was committed: its file stays, and the modality's re-send finds both."""
+    node = node_service()
+    (ds,) = ct_series(1, rows=16, cols=16)
+
+    assert send(node, ds) == [Status.REFUSED_OUT_OF_RESOURCES]  # the receiver cannot know
+    assert lost_after_commit == [ds.SOPInstanceUID]
+    assert "failed after it took effect; the files are kept" in caplog.text
+    assert list(node.instance_paths()) == [ds.SOPInstanceUID]
+    assert_consistent(node)  # the row's file is there
+
+    assert send(node, ds) == [Status.SUCCESS]  # the retry: a duplicate of the stored instance
+    assert len(node.files()) == 1
+    assert_consistent(node)
+    path = node.store.root / node.instance_paths()[ds.SOPInstanceUID]
+    assert dcmread(path).PixelData == ds.PixelData

@@ -19,6 +19,8 @@ import highdicom as hd
 import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from inference.synthetic import phantom_study
 from node import assembly
@@ -211,5 +213,42 @@ def test_resend_is_idempotent_and_growth_supersedes(node_service: Callable[..., 
         with node.db.read() as s:
             r1, r2 = s.execute(select(Result).order_by(Result.id)).scalars()
             assert r1.superseded_by == r2.id and r2.superseded_by is None
+    finally:
+        pacs.stop()
+
+
+def test_results_whose_commit_fails_after_taking_effect_are_still_delivered(
+        node_service: Callable[..., RunningNode], untrained_model: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The transaction that records the results commits, then raises (a PostgreSQL connection
+    lost while the server answered): the result files stay, and the deliveries send them."""
+    commit = Session.commit
+    lost: list[int] = []
+
+    def commit_then_lose(self: Session) -> None:
+        # The worker's transaction: it holds the new Result (its ResultObjects, flushed and
+        # unreferenced, may have left the session's weak identity map).
+        results = not lost and any(isinstance(o, Result)
+                                   for o in [*self.new, *self.identity_map.values()])
+        commit(self)
+        if results:
+            lost.append(1)
+            raise OperationalError("COMMIT", None,
+                                   Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(Session, "commit", commit_then_lose)
+    pacs = StandInPACS(tmp_path / "pacs", ae_title="PACS")
+    port = pacs.start()
+    try:
+        node = start_node(node_service, untrained_model, {"ae_title": "PACS", "port": port})
+        send(node, write_study(tmp_path / "study", seed=4))
+        done = (Job.kind == JobKind.DELIVER, Job.status == JobStatus.SUCCEEDED)
+        wait_for(lambda: count(node, Job, *done) == 1, 120, what="the delivery")
+        assert lost == [1]
+        assert "failed after it took effect; the files are kept" in caplog.text
+        with node.db.read() as s:
+            paths = list(s.execute(select(ResultObject.path)).scalars())
+        assert paths and all(node.store.path(p).is_file() for p in paths)
+        assert len(pacs.received) == len(paths) == count(node, Delivery)
     finally:
         pacs.stop()
