@@ -6,12 +6,15 @@ counters.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._server: Any = None
         self.instances_received = Counter(
             "aidnode_instances_received", "Instances received, by outcome", ["outcome"],
             registry=r)
@@ -45,5 +48,12 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint in a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_address[1])
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint and free its port (nothing when it was not started)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -229,6 +229,7 @@ class Service:
             if self.server is not None:
                 self.server.shutdown()
                 self.server = None
+            self.metrics.close()
             try:
                 with self.db.write() as s:
                     registry.deregister(s, self.name)
@@ -304,6 +305,7 @@ class Service:
                 registry.deregister(s, self.name)
         except Exception:  # the row goes stale instead; nothing is lost
             log.warning("could not remove %s from the registry", self.name, exc_info=True)
+        self.metrics.close()
         self.db.dispose()
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)

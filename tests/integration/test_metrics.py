@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import socket
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from pynetdicom import AE
@@ -63,3 +65,42 @@ def test_metrics_move_with_traffic(node_service: Callable[..., RunningNode]) -> 
 def _received(node: RunningNode) -> list[audit.AuditEvent]:  # type: ignore[name-defined]
     with node.db.read() as s:
         return audit.recent(s, kind=audit.AuditKind.INSTANCES_RECEIVED.value)
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` (SO_REUSEADDR, as servers bind: a scrape's
+    connection in TIME_WAIT does not hold the port, a listener does)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_failed_start_and_a_stop_free_the_metrics_port(
+        node_service: Callable[..., RunningNode], tmp_path: Path) -> None:
+    from node.config import load_config
+    from node.service import Service, open_storage
+    from tests.conftest import node_config_text
+
+    first = node_service(metrics={"enabled": True, "port": free_port()})
+    metrics_port = free_port()
+    path = tmp_path / "second.toml"
+    path.write_text(node_config_text(first.port, metrics={"enabled": True, "port": metrics_port}),
+                    encoding="utf-8")
+    cfg = load_config(path, environ={})
+    database, files = open_storage(cfg)
+    database.upgrade()
+    second = Service(cfg, database, files)
+    with pytest.raises(OSError):  # the DICOM port is the first node's
+        second.start(cfg.node.host, first.port)
+    assert _port_is_free(metrics_port)
+    # A started node frees it when it stops.
+    third = Service(cfg, database, files)
+    third.start(cfg.node.host, free_port())
+    assert not _port_is_free(metrics_port)
+    assert scrape(metrics_port) is not None
+    third.stop(grace_s=1)
+    assert _port_is_free(metrics_port)
