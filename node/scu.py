@@ -160,7 +160,13 @@ def send_files(peer: Peer, files: list[Path], calling_ae: str = "AIDNODE",
     with associate(peer, calling_ae, _contexts([(c, t) for _, c, t in headers]),
                    timeout_s) as assoc:
         for f, _cls, _ts in headers:
-            rsp = assoc.send_c_store(f)
+            try:
+                rsp = assoc.send_c_store(f)
+            except RuntimeError as exc:  # pynetdicom's "must be established": the peer left
+                if assoc.is_established:
+                    raise
+                raise AssociationError(f"association with {peer} ended before {f.name} "
+                                       "was sent") from exc
             if "Status" not in rsp:
                 raise AssociationError(f"no C-STORE response from {peer} for {f.name}")
             status = int(rsp.Status)

@@ -54,9 +54,10 @@ def test_a_peer_that_aborts_before_the_first_request_fails_the_send_at_once(
     ds = cr_image()
     sent = tmp_path / "cr.dcm"
     ds.save_as(sent, enforce_file_format=True)
-    aborted = threading.Event()
+    reading, aborted = threading.Event(), threading.Event()
 
     def abort_at_once(event: evt.Event) -> None:
+        reading.wait(10)  # our side has checked that the association is up
         event.assoc.abort()
         aborted.set()
 
@@ -71,6 +72,7 @@ def test_a_peer_that_aborts_before_the_first_request_fails_the_send_at_once(
     def read_once_the_reactor_has_gone(*args: Any, **kwargs: Any) -> Any:
         # Between send_c_store()'s check that the association is up and its wait for the
         # reactor: hold the read until the peer's abort has ended our side's reactor.
+        reading.set()
         assert aborted.wait(10)
         for t in threading.enumerate():
             if isinstance(t, Association) and t.is_requestor:
@@ -94,5 +96,34 @@ def test_a_peer_that_aborts_before_the_first_request_fails_the_send_at_once(
         sender.join(30)  # well under the 60 s DIMSE timeout
         assert not sender.is_alive(), "send_files() still waiting after 30 s"
         assert len(outcome) == 1 and isinstance(outcome[0], AssociationError), outcome
+    finally:
+        server.shutdown()
+
+
+def test_a_peer_gone_before_the_first_request_is_a_lost_association(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer aborts before send_c_store() is called: pynetdicom raises RuntimeError ("must
+    be established"), which the sender would log as an unexpected error; it is a lost
+    association like any other."""
+    ds = cr_image()
+    sent = tmp_path / "cr.dcm"
+    ds.save_as(sent, enforce_file_format=True)
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_ACCEPTED, lambda e: e.assoc.abort())])
+    assert server is not None
+    store = Association.send_c_store
+
+    def store_once_gone(self: Association, *args: Any, **kwargs: Any) -> Any:
+        self.join(10)  # the reactor ends with the peer's abort
+        assert not self.is_alive()
+        return store(self, *args, **kwargs)
+
+    monkeypatch.setattr(Association, "send_c_store", store_once_gone)
+    try:
+        with pytest.raises(AssociationError, match="ended before cr.dcm was sent"):
+            send_files(Peer("PACS", "127.0.0.1", port), [sent], timeout_s=60)
     finally:
         server.shutdown()
