@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+# Run as a script from any folder: the repository's packages come first, as in common.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node import pacing
 
 

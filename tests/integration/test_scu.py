@@ -108,15 +108,22 @@ def test_a_peer_gone_before_the_first_request_is_a_lost_association(
     ds = cr_image()
     sent = tmp_path / "cr.dcm"
     ds.save_as(sent, enforce_file_format=True)
+    calling = threading.Event()
+
+    def abort_once_called(event: evt.Event) -> None:
+        calling.wait(10)  # not before: an abort during negotiation fails the association
+        event.assoc.abort()
+
     ae = AE(ae_title="PACS")
     ae.add_supported_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_ACCEPTED, lambda e: e.assoc.abort())])
+                             evt_handlers=[(evt.EVT_ACCEPTED, abort_once_called)])
     assert server is not None
     store = Association.send_c_store
 
     def store_once_gone(self: Association, *args: Any, **kwargs: Any) -> Any:
+        calling.set()
         self.join(10)  # the reactor ends with the peer's abort
         assert not self.is_alive()
         return store(self, *args, **kwargs)
