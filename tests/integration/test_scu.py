@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 
 from node.errors import AssociationError
 from node.scu import Peer, send_files
@@ -51,22 +54,8 @@ def test_a_peer_that_aborts_before_the_first_request_fails_the_send_at_once(
     and ends, and the call waited the whole DIMSE timeout for a response (a CI run: a PACS
     stopped just after accepting, and the delivery thread came back a minute later). It must
     fail at once."""
-    ds = cr_image()
-    sent = tmp_path / "cr.dcm"
-    ds.save_as(sent, enforce_file_format=True)
+    sent = _cr_file(tmp_path)
     reading, aborted = threading.Event(), threading.Event()
-
-    def abort_at_once(event: evt.Event) -> None:
-        reading.wait(10)  # our side has checked that the association is up
-        event.assoc.abort()
-        aborted.set()
-
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_ACCEPTED, abort_at_once)])
-    assert server is not None
     read = pynetdicom.association.dcmread
 
     def read_once_the_reactor_has_gone(*args: Any, **kwargs: Any) -> Any:
@@ -91,13 +80,12 @@ def test_a_peer_that_aborts_before_the_first_request_fails_the_send_at_once(
             outcome.append(exc)
 
     sender = threading.Thread(target=send, daemon=True)
-    try:
+    # The peer aborts once our side has checked that the association is up.
+    with aborting_peer(after=reading, then=aborted) as port:
         sender.start()
         sender.join(30)  # well under the 60 s DIMSE timeout
         assert not sender.is_alive(), "send_files() still waiting after 30 s"
         assert len(outcome) == 1 and isinstance(outcome[0], AssociationError), outcome
-    finally:
-        server.shutdown()
 
 
 def test_a_peer_gone_before_the_first_request_is_a_lost_association(
@@ -105,21 +93,8 @@ def test_a_peer_gone_before_the_first_request_is_a_lost_association(
     """The peer aborts before send_c_store() is called: pynetdicom raises RuntimeError ("must
     be established"), which the sender would log as an unexpected error; it is a lost
     association like any other."""
-    ds = cr_image()
-    sent = tmp_path / "cr.dcm"
-    ds.save_as(sent, enforce_file_format=True)
+    sent = _cr_file(tmp_path)
     calling = threading.Event()
-
-    def abort_once_called(event: evt.Event) -> None:
-        calling.wait(10)  # not before: an abort during negotiation fails the association
-        event.assoc.abort()
-
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_ACCEPTED, abort_once_called)])
-    assert server is not None
     store = Association.send_c_store
 
     def store_once_gone(self: Association, *args: Any, **kwargs: Any) -> Any:
@@ -129,8 +104,36 @@ def test_a_peer_gone_before_the_first_request_is_a_lost_association(
         return store(self, *args, **kwargs)
 
     monkeypatch.setattr(Association, "send_c_store", store_once_gone)
+    # Not before the call: an abort during negotiation fails the association instead.
+    with aborting_peer(after=calling) as port, \
+            pytest.raises(AssociationError, match="ended before cr.dcm was sent"):
+        send_files(Peer("PACS", "127.0.0.1", port), [sent], timeout_s=60)
+
+
+def _cr_file(folder: Path) -> Path:
+    path = folder / "cr.dcm"
+    cr_image().save_as(path, enforce_file_format=True)
+    return path
+
+
+@contextmanager
+def aborting_peer(after: threading.Event, then: threading.Event | None = None) -> Iterator[int]:
+    """A pynetdicom acceptor (CR storage) that aborts each association it accepts once
+    ``after`` is set, then sets ``then``; yields its port."""
+    def abort(event: evt.Event) -> None:
+        after.wait(10)
+        event.assoc.abort()
+        if then is not None:
+            then.set()
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(ComputedRadiographyImageStorage,
+                             [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_ACCEPTED, abort)])
+    assert server is not None
     try:
-        with pytest.raises(AssociationError, match="ended before cr.dcm was sent"):
-            send_files(Peer("PACS", "127.0.0.1", port), [sent], timeout_s=60)
+        yield port
     finally:
         server.shutdown()
