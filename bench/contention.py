@@ -37,7 +37,7 @@ from typing import Any
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from common import LOOPBACK, NODE_AE, ROOT, fmt, machine, median, print_machine
+from common import LOOPBACK, NODE_AE, fmt, machine, median, print_machine
 from receiver_profile import node_in_process
 
 from tests.dicomgen import ct_series, write_all
@@ -46,24 +46,9 @@ from tests.peers import storescu
 NICE = 10  # inference.nice's default
 BATCH = 8  # inference.batch_size's default
 
-MODEL_LOOP = f"""
-import os, sys, torch
-sys.path.insert(0, {str(ROOT)!r})
-os.setpriority(os.PRIO_PROCESS, 0, {NICE})
-torch.set_num_threads(1)
-from inference.model import FusedModel, ModelConfig
-model = FusedModel(ModelConfig(num_labels=2)).eval()
-model.vision.to(memory_format=torch.channels_last)
-hidden, pad = model.encode_text(["CT chest, cough"])
-x = torch.rand({BATCH}, 1, 128, 128).contiguous(memory_format=torch.channels_last)
-print("ready", flush=True)
-with torch.inference_mode():
-    while True:
-        model(x, hidden, pad)
-"""
-
-
-def _model_loop(stop: threading.Event, ready: threading.Event) -> None:
+def _model_loop(stop: threading.Event, ready: Callable[[], None]) -> None:
+    """The demo architecture's forward pass over one batch, again and again, with the worker's
+    settings (one CPU thread, niceness 10), until ``stop`` is set; ``ready`` once it runs."""
     import torch
 
     from inference.model import FusedModel, ModelConfig
@@ -74,27 +59,27 @@ def _model_loop(stop: threading.Event, ready: threading.Event) -> None:
     model.vision.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     hidden, pad = model.encode_text(["CT chest, cough"])
     x = torch.rand(BATCH, 1, 128, 128).contiguous(memory_format=torch.channels_last)
-    ready.set()
+    ready()
     with torch.inference_mode():
         while not stop.is_set():
             model(x, hidden, pad)
 
 
-def _matmul_loop(stop: threading.Event, ready: threading.Event) -> None:
+def _matmul_loop(stop: threading.Event, ready: Callable[[], None]) -> None:
     import torch
 
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
     torch.set_num_threads(1)
     a, b = torch.rand(768, 768), torch.rand(768, 768)
-    ready.set()
+    ready()
     while not stop.is_set():
         torch.mm(a, b)
 
 
 @contextmanager
-def in_thread(loop: Callable[[threading.Event, threading.Event], None]) -> Iterator[None]:
+def in_thread(loop: Callable[[threading.Event, Callable[[], None]], None]) -> Iterator[None]:
     stop, ready = threading.Event(), threading.Event()
-    t = threading.Thread(target=loop, args=(stop, ready), daemon=True)
+    t = threading.Thread(target=loop, args=(stop, ready.set), daemon=True)
     t.start()
     if not ready.wait(300):
         raise SystemExit("the background loop did not start")
@@ -107,7 +92,7 @@ def in_thread(loop: Callable[[threading.Event, threading.Event], None]) -> Itera
 
 @contextmanager
 def in_process() -> Iterator[None]:
-    proc = subprocess.Popen([sys.executable, "-c", MODEL_LOOP], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, __file__, "--model-loop"], stdout=subprocess.PIPE,
                             text=True)
     try:
         assert proc.stdout is not None
@@ -136,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--model-loop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.model_loop:  # the child of "model in a process": runs until terminated
+        _model_loop(threading.Event(), lambda: print("ready", flush=True))
+        return 0
     rates: dict[str, list[float]] = {name: [] for name in BESIDE}
     with tempfile.TemporaryDirectory(prefix="bench-contention-") as tmp_s:
         tmp = Path(tmp_s)
