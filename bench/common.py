@@ -80,23 +80,38 @@ def fmt(value: float | None, digits: int = 1) -> str:
 # -- RSS ---------------------------------------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int | None:
-    """VmRSS of ``pid`` in KiB, or None when it is gone."""
+def rss_kib(pid: int, tree: bool = False) -> int | None:
+    """VmRSS of ``pid`` in KiB, or None when it is gone; with ``tree``, the sum over it and
+    its descendants (``aidnode serve`` and its worker's child process)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
+        own = next(int(line.split()[1])
+                   for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
         return None
-    return None
+    if tree:
+        own += sum(rss_kib(child, tree=True) or 0 for child in children(pid))
+    return own
+
+
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s child processes (Linux)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
 
 
 @dataclass
 class RSSSampler:
-    """Samples a process's VmRSS every ``interval_s`` in a thread; ``peak_kib`` is the maximum."""
+    """Samples a process's (or process tree's) VmRSS every ``interval_s`` in a thread; ``peak_kib`` is the maximum."""
 
     pid: int
     interval_s: float = 0.05
+    tree: bool = False  # the sum over the process and its descendants
     peak_kib: int = 0
     samples: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -104,7 +119,7 @@ class RSSSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            value = rss_kib(self.pid)
+            value = rss_kib(self.pid, self.tree)
             if value is None:
                 return
             self.peak_kib = max(self.peak_kib, value)

@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-interval", type=float, default=0.2,
                         help="assembly.check_interval_s for the run (seconds)")
     parser.add_argument("--skip-ct", action="store_true")
+    parser.add_argument("--threads", action="store_true",
+                        help="the worker in threads of the receiver's process "
+                             "(inference.separate_process = false), not in a child process")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     info = machine()
@@ -188,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp_s:
         tmp = Path(tmp_s)
         package, which = model_package(tmp)
-        print(f"model: {which}", flush=True)
+        print(f"model: {which}; the worker in "
+              f"{'threads of the receiving process' if args.threads else 'a child process'}",
+              flush=True)
         pacs = TimedPACS(tmp / "pacs", ae_title=PACS_AE)
         pacs_port = pacs.start()
         # The stand-in PACS runs in this process: without this, a full collection over what
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                             "match": {"modality": ["CR", "CT"]}}],
                     destinations=[{"name": "pacs", "ae_title": PACS_AE, "host": "127.0.0.1",
                                    "port": pacs_port}],
-                    inference={"workers": 1, "device": "cpu", "models_dir": "models"},
+                    inference={"workers": 1, "device": "cpu", "models_dir": "models",
+                               "separate_process": not args.threads},
                     assembly={"stable_after_s": args.stable_after,
                               "check_interval_s": args.check_interval}) as node:
                 # The worker loads the rule's model and builds a throwaway result when it

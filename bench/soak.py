@@ -10,12 +10,15 @@ CT series whose description is ``ANALYSE``; other CT series are only stored.
    association (dcmtk ``storescu``, TCP_NODELAY=1) twice: once with the worker idle, and once
    while the worker analyses a 600-slice series queued just before (the send starts when its job
    is RUNNING; the round says whether the job was still running when the send ended). Target:
-   the second rate is no more than 10% below the first. Measured twice: one ``--role all``
-   process, and a ``--role receiver`` plus a ``--role worker`` process on the same SQLite.
+   the second rate is no more than 10% below the first. Measured for each layout of
+   ``LAYOUTS``: ``aidnode serve`` as installed (its worker in a child process), the same with
+   ``inference.separate_process = false`` (the worker in threads of the receiver's process),
+   and with ``--split`` also a ``--role receiver`` plus a ``--role worker`` process.
 2. **Memory over a long run.** ``--batches`` x 300 CT instances (3000 by default), each batch a
    new study that is analysed (so the model is loaded and runs throughout), over one
-   association per batch. VmRSS of the process is read after every batch; target: under
-   1.5 GB, and flat (the last batch within 10% of the first).
+   association per batch. VmRSS of ``aidnode serve`` and its worker's child process together
+   is read after every batch; target: under 1.5 GB, and flat (the last batch within 10% of the
+   first).
 """
 
 from __future__ import annotations
@@ -75,13 +78,23 @@ def _job_states(node: Any) -> list[str]:
     return [r[0] for r in node.query("SELECT status FROM jobs WHERE kind = 'ANALYZE' ORDER BY id")]
 
 
-def while_analysing(tmp: Path, model: Path, rounds: int, split: bool) -> list[dict[str, Any]]:
+#: layout -> (what it is, ``--role`` of the first process, inference.separate_process)
+LAYOUTS = {
+    "child": ("aidnode serve: the worker in a child process (the default)", "all", True),
+    "threads": ("aidnode serve, separate_process = false: the worker in threads", "all", False),
+    "split": ("a --role receiver and a --role worker process", "receiver", True),
+}
+
+
+def while_analysing(tmp: Path, model: Path, rounds: int, layout: str) -> list[dict[str, Any]]:
     rule = [{"name": "ct", "model": str(model),
              "match": {"modality": ["CT"], "series_description": ANALYSE}}]
     out = []
-    with aidnode_serve(tmp / f"node-a{'-split' if split else ''}", rules=rule,
-                       role="receiver" if split else "all",
-                       inference={"workers": 1, "models_dir": "models"},
+    _what, role, separate = LAYOUTS[layout]
+    split = layout == "split"
+    with aidnode_serve(tmp / f"node-a-{layout}", rules=rule, role=role,
+                       inference={"workers": 1, "models_dir": "models",
+                                  "separate_process": separate},
                        assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
             (another_process(node, "worker") if split else nullcontext()):
         for rnd in range(1, rounds + 1):
@@ -97,11 +110,11 @@ def while_analysing(tmp: Path, model: Path, rounds: int, split: bool) -> list[di
             still_running = "RUNNING" in _job_states(node)[before:]
             wait_until(lambda: "RUNNING" not in _job_states(node)
                        and "QUEUED" not in _job_states(node), 900, 0.5)
-            r = {"round": rnd, "layout": "split" if split else "all",
+            r = {"round": rnd, "layout": layout,
                  "idle_images_per_s": 300 / idle_s,
                  "analysing_images_per_s": 300 / busy_s, "analysis_overlapped": still_running}
             r["drop_percent"] = 100 * (1 - r["analysing_images_per_s"] / r["idle_images_per_s"])
-            print(f"  {'two processes' if split else 'one process'}, round {rnd}: idle {r['idle_images_per_s']:.1f}, while analysing "
+            print(f"  {layout}, round {rnd}: idle {r['idle_images_per_s']:.1f}, while analysing "
                   f"{r['analysing_images_per_s']:.1f} images/s ({r['drop_percent']:.0f}% lower; "
                   f"analysis {'overlapped the whole send' if still_running else 'ENDED EARLY'})",
                   flush=True)
@@ -115,7 +128,7 @@ def long_run(tmp: Path, model: Path, batches: int) -> dict[str, Any]:
     with aidnode_serve(tmp / "node-b", rules=rule,
                        inference={"workers": 1, "models_dir": "models"},
                        assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
-            RSSSampler(node.proc.pid, interval_s=0.5) as sampler:
+            RSSSampler(node.proc.pid, interval_s=0.5, tree=True) as sampler:
         started = time.perf_counter()
         for b in range(batches):
             folder = tmp / f"long-{b}"
@@ -127,10 +140,11 @@ def long_run(tmp: Path, model: Path, batches: int) -> dict[str, Any]:
             wait_until(lambda n=b + 1: "QUEUED" not in _job_states(node)
                        and "RUNNING" not in _job_states(node)
                        and len(_job_states(node)) == n, 900, 0.5)
-            kib = rss_kib(node.proc.pid) or 0
+            kib = rss_kib(node.proc.pid, tree=True) or 0
+            own = rss_kib(node.proc.pid) or 0
             after.append(kib / 1024)
-            print(f"  batch {b + 1}/{batches}: {300 * (b + 1)} instances, RSS {kib / 1024:.0f} MiB",
-                  flush=True)
+            print(f"  batch {b + 1}/{batches}: {300 * (b + 1)} instances, RSS {kib / 1024:.0f} MiB"
+                  f" ({own / 1024:.0f} MiB the receiver's process)", flush=True)
         seconds = time.perf_counter() - started
         stored = node.instance_count()
         results = node.query("SELECT count(*) FROM results")[0][0]
@@ -145,6 +159,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--split", action="store_true",
+                    help="also measure a --role receiver and a --role worker process")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     report: dict[str, Any] = {"machine": machine()}
@@ -154,8 +170,9 @@ def main() -> int:
         report["model"] = note
         print(f"model: {note}")
         print("receiving while analysing:")
-        report["while_analysing"] = while_analysing(tmp, model, args.rounds, split=False)
-        report["while_analysing_split"] = while_analysing(tmp, model, args.rounds, split=True)
+        layouts = ["child", "threads"] + (["split"] if args.split else [])
+        report["while_analysing"] = {
+            layout: while_analysing(tmp, model, args.rounds, layout) for layout in layouts}
         if not args.skip_long:
             print("long run:")
             report["long_run"] = long_run(tmp, model, args.batches)
@@ -165,9 +182,8 @@ def main() -> int:
     print()
     print_machine(report["machine"])
     print("\n| measure | value | target | met |\n|---|---|---|---|")
-    for key, layout in (("while_analysing", "one process (--role all)"),
-                        ("while_analysing_split", "receiver and worker processes")):
-        rows = report[key]
+    for key, rows in report["while_analysing"].items():
+        layout = LAYOUTS[key][0]
         idle = median([r["idle_images_per_s"] for r in rows])
         busy = median([r["analysing_images_per_s"] for r in rows])
         drop = 100 * (1 - busy / idle) if idle and busy else None
@@ -180,7 +196,7 @@ def main() -> int:
         lr = report["long_run"]
         print(f"| instances stored / studies analysed in the long run | {lr['instances']} / "
               f"{lr['studies_analysed']} | | |")
-        print(f"| peak RSS of aidnode serve with the model (MiB) | {lr['peak_rss_mib']} | < 1536 | "
+        print(f"| peak RSS of aidnode serve and its worker process with the model (MiB) | {lr['peak_rss_mib']} | < 1536 | "
               f"{'yes' if lr['peak_rss_mib'] < 1536 else 'NO'} |")
         print(f"| RSS after the first / last batch (MiB) | {lr['rss_after_batch_mib'][0]} / "
               f"{lr['rss_after_batch_mib'][-1]} | flat (<= 10% growth) | "

@@ -181,6 +181,9 @@ class InferenceConfig(_Section):
     batch_size: int = Field(8, ge=1, le=512)
     models_dir: Path = Path("var/models")
     workers: int = Field(1, ge=0, le=64)
+    # `aidnode serve` (role all) runs its workers in a child process of their own, which it
+    # restarts if it dies; false: in threads of the receiver's process (node/workerproc.py).
+    separate_process: bool = True
     lease_s: float = Field(300, gt=0)
     heatmap_when_negative: Literal["none", "top"] = "none"
     # CPU threads for the model; 0: one fewer than the machine's cores (at least 1), so the

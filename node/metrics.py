@@ -1,14 +1,25 @@
 """Prometheus metrics (DESIGN §9), served on a loopback HTTP port by the service.
 
 One registry per ``Metrics`` object, so tests and several services in one process do not share
-counters.
+counters. When ``aidnode serve`` runs its worker in a child process, the child serves its own
+metrics on a loopback port and the parent's endpoint adds them to its own (``add_source``), so
+Prometheus still scrapes one target per node.
 """
 
 from __future__ import annotations
 
+import logging
+import urllib.request
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+log = logging.getLogger(__name__)
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 class Metrics:
@@ -45,10 +56,23 @@ class Metrics:
             ["finding", "positive"], registry=r)
         self.disk_free_bytes = Gauge(
             "aidnode_disk_free_bytes", "Free bytes on the store's filesystem", registry=r)
+        self.worker_restarts = Counter(
+            "aidnode_worker_restarts", "Times the worker's child process died and was started "
+            "again", registry=r)
+        self._sources: list[Callable[[], str | None]] = []
+
+    def add_source(self, source: Callable[[], str | None]) -> None:
+        """Serve, beside this registry's metrics, the OpenMetrics text ``source`` returns at each
+        scrape (None: nothing this time). Where a series is in both, this registry's is kept."""
+        self._sources.append(source)
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint in a daemon thread; returns the bound port."""
-        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        served = self.registry
+        if self._sources:
+            served = CollectorRegistry(auto_describe=False)
+            served.register(_Merged(self.registry, self._sources))
+        self._server, _thread = start_http_server(port, addr=host, registry=served)
         return int(self._server.server_address[1])
 
     def close(self) -> None:
@@ -57,3 +81,44 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def scrape(port: int, host: str = "127.0.0.1", timeout_s: float = 2.0) -> str | None:
+    """The OpenMetrics text of the endpoint on ``host:port``; None when it does not answer."""
+    req = urllib.request.Request(f"http://{host}:{port}/metrics", headers={"Accept": OPENMETRICS})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return str(resp.read().decode("utf-8"))
+    except OSError as exc:
+        log.debug("metrics of %s:%d not read: %s", host, port, exc)
+        return None
+
+
+class _Merged(Collector):
+    """A registry's metric families with those of other processes' endpoints added in."""
+
+    def __init__(self, own: CollectorRegistry, sources: list[Callable[[], str | None]]) -> None:
+        self.own, self.sources = own, sources
+
+    def collect(self) -> Iterable[Any]:
+        families = {m.name: m for m in self.own.collect()}  # fresh objects at every scrape
+        for source in self.sources:
+            text = source()
+            if not text:
+                continue
+            try:
+                theirs = list(text_string_to_metric_families(text))
+            except ValueError:
+                log.warning("a worker process served metrics that do not parse; left out")
+                continue
+            for fam in theirs:
+                mine = families.setdefault(fam.name, fam)
+                if mine is fam:
+                    continue
+                seen = {_key(x) for x in mine.samples}
+                mine.samples.extend(x for x in fam.samples if _key(x) not in seen)
+        return list(families.values())
+
+
+def _key(sample: Sample) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return sample.name, tuple(sorted(sample.labels.items()))

@@ -36,6 +36,7 @@ from node.metrics import Metrics
 from node.scp import Receiver, start
 from node.sender import Sender
 from node.worker import Analyzer
+from node.workerproc import Link, Signal, Wake, WorkerProcess
 from storage import clock, jobs, registry, retention
 from storage.db import Database
 from storage.files import FileStore
@@ -124,6 +125,12 @@ class Service:
     role: Role = Role.ALL
     name: str = field(default_factory=registry.process_name)  # host:pid
     wakes: dict[str, threading.Event] = field(default_factory=dict)
+    #: Set by SIGTERM/SIGINT, or in a worker's child process when its parent's end closes.
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    #: In a worker's child process: the link to ``aidnode serve``, its parent.
+    parent: Link | None = None
+    #: In ``aidnode serve`` with ``inference.separate_process``: its worker's child process.
+    worker_process: WorkerProcess | None = None
     _switch_interval: float | None = None
     _next_purge: float = 0.0
 
@@ -146,13 +153,14 @@ class Service:
         if ids:
             log.warning("re-queued %d job(s) whose worker stopped: %s", len(ids), ids)
 
-    def remove_orphans(self, min_age_s: float = 0.0) -> int:
+    def remove_orphans(self, min_age_s: float = 0.0,
+                       kinds: tuple[str, ...] = ("instances", "results")) -> int:
         """Files written durably whose row never committed (a crash in between); with
         ``min_age_s``, only those at least that old (the store is shared)."""
         from storage.catalog import known_paths
 
         cutoff = time.time() - min_age_s
-        candidates = [p for kind in ("instances", "results") for p in self.store.files(kind)]
+        candidates = [p for kind in kinds for p in self.store.files(kind)]
         with self.db.read() as s:  # listed first: a file written after this is never a candidate
             known = known_paths(s)
         orphans = [p for p in candidates if p not in known
@@ -165,7 +173,8 @@ class Service:
         return len(orphans)
 
     def _loop(self, name: str, step: Callable[[], bool], idle_s: float,
-              wake: threading.Event | None = None, then: threading.Event | None = None) -> None:
+              wake: threading.Event | None = None,
+              then: Signal | None = None) -> None:
         """Run ``step`` until stopped; idle for ``idle_s`` when it found nothing to do, or
         until ``wake`` is set (work for it was just queued in this process). A busy step sets
         ``then``, the next stage's wake-up."""
@@ -238,24 +247,39 @@ class Service:
             raise
 
     def _start_registered(self, host: str | None, port: int | None) -> None:
+        # A stage that queued work wakes the next at once instead of letting it find the work
+        # at its next poll: an event in this process, a message to or from the worker's child
+        # process (other processes still poll).
+        analyze_ready, deliver_ready = self._wake("analyze"), self._wake("deliver")
+        then_analyze: Signal = analyze_ready
+        then_deliver: Signal = deliver_ready
+        extra: list[tuple[str, Callable[[], None]]] = []
+        if (self.role is Role.ALL and self.config.inference.workers
+                and self.config.inference.separate_process):
+            self.worker_process = then_analyze = WorkerProcess(
+                self.config, self.db, self.metrics, deliver_ready.set, self.stopping,
+                on_death=self._after_worker_death)
+            extra.append(("worker-process", self.worker_process.run))
+        if self.parent is not None:  # its reader is not a loop: stop() does not wait for it
+            then_deliver = Wake(self.parent, "d")
+            threading.Thread(target=self._follow_parent, name="parent-link", daemon=True).start()
         if self.config.metrics.enabled:
             self.metrics_port = self.metrics.serve(self.config.metrics.host,
                                                    self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host,
                      self.metrics_port)
-        # In one process, a stage that queued work wakes the next at once instead of letting it
-        # find the work at its next poll (other processes still poll).
-        analyze_ready, deliver_ready = self._wake("analyze"), self._wake("deliver")
+            if self.parent is not None:
+                self.parent.send(f"m {self.metrics_port}")
         loops: list[tuple[str, Callable[[], bool], float, threading.Event | None,
-                          threading.Event | None]] = [
+                          Signal | None]] = [
             ("heartbeat", self._heartbeat, registry.HEARTBEAT_S, None, None),
             ("housekeeping", self._housekeeping, 5.0, None, None)]
         if self.role.runs(Role.RECEIVER):
             rx = Receiver(self.config, self.db, self.store, self.metrics)
             self.server = start(rx, host, port)
             loops.append(("assembler", self._assemble, self.config.assembly.check_interval_s,
-                          None, analyze_ready))
-        if self.role.runs(Role.WORKER):
+                          None, then_analyze))
+        if self.role.runs(Role.WORKER) and self.worker_process is None:
             if self.role is Role.ALL and self.config.inference.workers:
                 # The receiver and the model share one interpreter: hand the GIL over every
                 # 0.5 ms instead of 5 ms, so a C-STORE waits less behind the model's Python.
@@ -264,7 +288,7 @@ class Service:
             for i in range(self.config.inference.workers):
                 a = Analyzer(self.config, self.db, self.store, self.metrics,
                              name=f"{self.name}/worker-{i}", tune_thread=True)
-                loops.append((f"worker-{i}", a.run_once, 0.5, analyze_ready, deliver_ready))
+                loops.append((f"worker-{i}", a.run_once, 0.5, analyze_ready, then_deliver))
         if self.role.runs(Role.SENDER) and self.config.destinations:
             snd = Sender(self.config, self.db, self.store, self.metrics,
                          name=f"{self.name}/sender")
@@ -274,7 +298,27 @@ class Service:
                                  name=name, daemon=True)
             t.start()
             self.threads.append(t)
+        for name, target in extra:
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
         sd_notify("READY=1")
+
+    def _after_worker_death(self) -> None:
+        """The worker's child process died: remove the result files it wrote and never
+        recorded (only workers write results; the child is gone and the next not started)."""
+        self.remove_orphans(min_age_s=SHARED_ORPHAN_AGE_S if self.shared else 0.0,
+                            kinds=("results",))
+
+    def _follow_parent(self) -> None:
+        """In a worker's child process: wake-ups from the parent; stop when its end closes."""
+        assert self.parent is not None
+        while (messages := self.parent.messages()) is not None:
+            if "a" in messages:
+                self._wake("analyze").set()
+        if not self.stopping.is_set():
+            log.warning("the parent process closed its link; stopping")
+            self.stop_requested.set()
 
     def _wake(self, stage: str) -> threading.Event:
         return self.wakes.setdefault(stage, threading.Event())
@@ -285,7 +329,8 @@ class Service:
     def stop(self, grace_s: float = 30) -> None:
         """Stop accepting, let in-flight associations and jobs finish (up to ``grace_s``)."""
         sd_notify("STOPPING=1")
-        log.info("stopping: no new associations; waiting for in-flight work")
+        log.info("stopping: no new associations; waiting for in-flight work" if self.server
+                 else "stopping: waiting for the jobs in hand")
         if self.server is not None:
             socketserver.BaseServer.shutdown(self.server)  # stop the accept loop
             self.server.server_close()  # close the listening socket: no new associations
@@ -298,6 +343,8 @@ class Service:
         self.stopping.set()
         for ev in self.wakes.values():
             ev.set()
+        if self.worker_process is not None:  # it finishes its job first, like a thread would
+            self.worker_process.stop(grace_s)
         for t in self.threads:
             t.join(timeout=max(0.1, grace_s))
         try:
@@ -307,25 +354,32 @@ class Service:
             log.warning("could not remove %s from the registry", self.name, exc_info=True)
         self.metrics.close()
         self.db.dispose()
+        if self.parent is not None:
+            self.parent.close()
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
         log.info("stopped")
 
     def run_forever(self) -> int:
         """``aidnode serve``: run until SIGTERM/SIGINT; returns the exit code."""
-        stop = threading.Event()
+        stop = self.stop_requested
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         self.start()
         watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         tick = min(1.0, watchdog_s / 3) if watchdog_s else 1.0
+        rc = 0
         while not stop.wait(tick):
             if self.alive():
                 sd_notify("WATCHDOG=1")
+            elif self.parent is not None:  # a worker's child process: its parent restarts it
+                log.error("a service loop died; exiting so that the parent starts a new worker")
+                rc = 1
+                break
             else:
                 log.error("a service loop died; withholding the watchdog ping")
         self.stop()
-        return 0
+        return rc
 
 
 def _mtime(path: os.PathLike[str] | str) -> float:

@@ -203,16 +203,26 @@ def requeue_stale(s: Session, older_than_s: float) -> list[int]:
     and a row another process is handling is skipped.
     """
     cutoff = clock.now() - timedelta(seconds=older_than_s)
-    q = select(Job.id, Job.attempts, Job.max_attempts).where(Job.status == R,
-                                                             Job.heartbeat_at < cutoff)
+    return _requeue(s, Job.heartbeat_at < cutoff, "lease expired")
+
+
+def requeue_process(s: Session, process: str) -> list[int]:
+    """Re-queue at once the RUNNING jobs claimed by ``process`` (``host:pid``), a process known
+    to have died (its parent saw it exit), instead of waiting for their leases to run out."""
+    return _requeue(s, Job.worker.startswith(process + "/", autoescape=True),
+                    f"{process} died")
+
+
+def _requeue(s: Session, which: Any, why: str) -> list[int]:
+    q = select(Job.id, Job.attempts, Job.max_attempts).where(Job.status == R, which)
     if s.get_bind().dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
     rows = list(s.execute(q))
     for job_id, attempts, max_attempts in rows:
         if attempts >= max_attempts:  # it keeps dying mid-run: dead-letter it
-            _transition(s, job_id, R, F, message="lease expired on the last attempt; failed",
+            _transition(s, job_id, R, F, message=f"{why} on the last attempt; failed",
                         lease_token=None, last_error="worker stopped during every attempt")
         else:
-            _transition(s, job_id, R, Q, message="lease expired; requeued", lease_token=None,
+            _transition(s, job_id, R, Q, message=f"{why}; requeued", lease_token=None,
                         run_after=clock.now())
     return [r[0] for r in rows]

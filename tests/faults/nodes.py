@@ -40,7 +40,10 @@ def node_folder(parent: Path, name: str = "node", **config: Any) -> Path:
 def analysing_config(model: Path, pacs_port: int, **extra: Any) -> dict[str, Any]:
     """Config arguments for a node that analyses DX/CR/OT with ``model`` and delivers to a PACS
     on ``pacs_port`` with short retry delays."""
-    inference = {"workers": 1, "models_dir": "models", **extra.pop("inference", {})}
+    # The worker in a thread of `serve`, so a crash point in it kills the whole node; a test
+    # of the worker's child process asks for one.
+    inference = {"workers": 1, "models_dir": "models", "separate_process": False,
+                 **extra.pop("inference", {})}
     return dict(
         rules=[{"name": "chest", "model": str(model), "destinations": ["pacs"],
                 "match": {"modality": ["DX", "CR", "OT"]}}],

@@ -9,9 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from node import metrics
+from node.metrics import Metrics
 from storage import audit
 from tests.conftest import RunningNode
 from tests.dicomgen import ct_series
@@ -29,6 +32,51 @@ def scrape(port: int) -> dict[str, float]:
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
+
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(port: int) -> Series:
+    """Every sample the endpoint serves, in Prometheus's text format, which must parse and
+    name no series twice."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: Series = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in out, f"{key} served twice"
+            out[key] = s.value
+    return out
+
+
+def test_another_processs_metrics_are_served_beside_ours_each_series_once() -> None:
+    """What ``aidnode serve`` does with its worker's child process: the child's endpoint is
+    read at every scrape; where both have a series (the gauges both processes set), ours."""
+    child, parent = Metrics(), Metrics()
+    try:
+        child_port = child.serve("127.0.0.1", 0)
+        parent.add_source(lambda: metrics.scrape(child_port))
+        port = parent.serve("127.0.0.1", 0)
+        child.jobs.labels("ANALYZE", "succeeded").inc()
+        child.inference_seconds.labels("demo", "1.0").observe(0.3)
+        child.disk_free_bytes.set(5)
+        parent.instances_received.labels("new").inc(3)
+        parent.disk_free_bytes.set(7)
+        got = samples(port)
+        assert got[("aidnode_jobs_total", (("kind", "ANALYZE"), ("outcome", "succeeded")))] == 1
+        assert got[("aidnode_inference_seconds_count", (("model", "demo"), ("version", "1.0")))] \
+            == 1
+        assert got[("aidnode_instances_received_total", (("outcome", "new"),))] == 3
+        assert got[("aidnode_disk_free_bytes", ())] == 7
+        child.close()  # gone: ours alone, and the scrape still answers
+        got = samples(port)
+        assert ("aidnode_jobs_total", (("kind", "ANALYZE"), ("outcome", "succeeded"))) not in got
+        assert got[("aidnode_disk_free_bytes", ())] == 7
+    finally:
+        child.close()
+        parent.close()
 
 
 def test_metrics_move_with_traffic(node_service: Callable[..., RunningNode]) -> None:

@@ -57,7 +57,9 @@ def start_node(node_service: Callable[..., RunningNode], model: Path, dest: dict
         destinations=[{"name": "pacs", "host": "127.0.0.1", "backoff_base_s": 0.2,
                        "backoff_max_s": 1.0, "max_attempts": 30,
                        "breaker_failures": 3, "breaker_cooldown_s": 1.0, **dest}],
-        inference={"workers": 1, "models_dir": "models"}, **extra)
+        # The worker in a thread, where a test's patches reach it (tests/acceptance/
+        # test_worker_process.py runs it as a child process).
+        inference={"workers": 1, "models_dir": "models", "separate_process": False}, **extra)
 
 
 def count(node: RunningNode, model: Any, *where: Any) -> int:

@@ -186,6 +186,36 @@ def test_requeue_stale_running_to_queued_clears_the_lease(db: Database,
     assert last_event(db, job_id) == ("RUNNING", "QUEUED")
 
 
+def test_requeue_process_takes_back_only_that_processs_jobs(db: Database,
+                                                           frozen_clock: FrozenClock) -> None:
+    """A dead worker process's jobs go back at once; another process's (host:12 is not
+    host:1, and '%' in a name is no wildcard) stay with it, however old their heartbeat."""
+    mine = [enqueue(db, dedupe_key=f"m{i}") for i in range(2)]
+    others = [enqueue(db, dedupe_key=f"o{i}") for i in range(2)]
+    assert claim(db, worker="host:1/worker-0") is not None
+    assert claim(db, worker="host:1/worker-1") is not None
+    assert claim(db, worker="host:12/worker-0") is not None
+    assert claim(db, worker="host:1%/worker-0") is not None
+    frozen_clock.advance(3600)
+    with db.write() as s:
+        assert sorted(jobs.requeue_process(s, "host:1")) == mine
+    assert [row(db, j)["status"] for j in mine + others] == [Q, Q, R, R]
+    assert row(db, mine[0])["lease_token"] is None
+    assert last_event(db, mine[0]) == ("RUNNING", "QUEUED")
+    with db.read() as s:
+        assert s.get(JobEvent, max(e.id for e in s.execute(select(JobEvent)).scalars()
+                                   if e.job_id == mine[1])).message == "host:1 died; requeued"
+
+
+def test_requeue_process_fails_a_job_on_its_last_attempt(db: Database,
+                                                         frozen_clock: FrozenClock) -> None:
+    job_id = enqueue(db, max_attempts=1)
+    assert claim(db, worker="host:7/worker-0") is not None
+    with db.write() as s:
+        assert jobs.requeue_process(s, "host:7") == [job_id]
+    assert row(db, job_id)["status"] is F
+
+
 def test_fail_permanent_running_to_failed(db: Database, frozen_clock: FrozenClock) -> None:
     job_id = enqueue(db)
     c = claim(db)

@@ -1,0 +1,110 @@
+"""``aidnode serve`` with its worker in a child process (``inference.separate_process``, the
+default): the study flows through both processes, a worker that dies is started again and its
+job runs once more at once (not when its lease runs out), the child's metrics are served on the
+parent's port, SIGTERM stops both, and ``kill -9`` of the parent leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.standin import StandInPACS
+from storage import registry
+from storage.models import JobKind, JobStatus
+from tests.acceptance.test_serve import last_log, serve, stop
+from tests.faults.nodes import (
+    NodeState,
+    analysing_config,
+    node_folder,
+    node_state,
+    process_state,
+    send_until_gone,
+)
+from tests.faults.test_crash_points import assert_received_once, delivered, study
+from tests.integration.test_metrics import samples
+from tests.peers import free_port, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ANALYSIS_TIMEOUT_S = 240.0
+LONG_LEASE_S = 3600.0  # a job re-queued in the test was re-queued by the parent, not by a lease
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> Iterator[tuple[StandInPACS, int]]:
+    pacs = StandInPACS(tmp_path / "pacs", ae_title="PACS")
+    port = pacs.start()
+    yield pacs, port
+    pacs.stop()
+
+
+def child_config(tmp_path: Path, model: Path, pacs_port: int, metrics_port: int) -> Path:
+    return node_folder(tmp_path, **analysing_config(
+        model, pacs_port, inference={"separate_process": True, "lease_s": LONG_LEASE_S},
+        metrics={"enabled": True, "port": metrics_port}))
+
+
+def workers(node: NodeState) -> list[int]:
+    """The pids of the live worker processes in the registry."""
+    with node.db.read() as s:
+        return [n.pid for n in registry.live(s) if n.role == "worker"]
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_a_worker_process_that_dies_is_started_again_and_its_job_runs_once(
+        tmp_path: Path, untrained_model: Path, standin: tuple[StandInPACS, int]) -> None:
+    pacs, pacs_port = standin
+    metrics_port = free_port()
+    folder = child_config(tmp_path, untrained_model, pacs_port, metrics_port)
+    files, uids = study(tmp_path)
+    with node_state(folder) as node:
+        # The crash point arms only the first child: it dies after the model ran.
+        with serve(folder, {"AIDNODE_CRASH_AT": "worker.after_model"}) as proc:
+            assert send_until_gone(node.config, files) == (uids, False)
+            wait_for(lambda: delivered(node), ANALYSIS_TIMEOUT_S, what="analysis and delivery")
+            log = last_log(folder).read_text()
+            assert "died (killed by SIGKILL); re-queued its job(s) [1]" in log
+            assert proc.poll() is None  # receiving went on: only the child died
+            assert node.jobs(JobKind.ANALYZE) == [(JobStatus.SUCCEEDED, 2)]
+            assert any(m.endswith("died; requeued") for m in node.job_messages(JobKind.ANALYZE))
+            assert node.results() == 1
+            assert_received_once(node, pacs)
+
+            # One registry row for the new child, a child of `serve`.
+            (child,) = workers(node)
+            assert parent_of(child) == proc.pid
+            # The parent's endpoint serves the child's series beside its own, each once.
+            got = samples(metrics_port)
+            assert got[("aidnode_instances_received_total", (("outcome", "new"),))] == len(uids)
+            assert got[("aidnode_jobs_total", (("kind", "ANALYZE"), ("outcome", "succeeded")))] \
+                == 1
+            assert got[("aidnode_inference_seconds_count",
+                        (("model", "test-untrained"), ("version", "0.0.1")))] == 1
+            assert got[("aidnode_worker_restarts_total", ())] == 1
+
+            stop(proc, folder)  # SIGTERM: exit 0, and the child went with it
+        assert process_state(child) == ""
+        assert workers(node) == []
+        node.assert_consistent()
+
+
+def test_kill_9_of_serve_takes_its_worker_process_with_it(
+        tmp_path: Path, untrained_model: Path, standin: tuple[StandInPACS, int]) -> None:
+    _pacs, pacs_port = standin
+    folder = child_config(tmp_path, untrained_model, pacs_port, free_port())
+    with node_state(folder) as node, serve(folder) as proc:
+        wait_for(lambda: len(workers(node)) == 1, 60, what="the worker process to register")
+        (child,) = workers(node)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_for(lambda: process_state(child) in ("", "Z"), 10,
+                 what="the worker process to die with its parent")
