@@ -258,7 +258,7 @@ class Service:
                 and self.config.inference.separate_process):
             self.worker_process = then_analyze = WorkerProcess(
                 self.config, self.db, self.metrics, deliver_ready.set, self.stopping,
-                on_death=self._after_worker_death)
+                on_death=self._after_worker_death, stop_requested=self.stop_requested)
             extra.append(("worker-process", self.worker_process.run))
         if self.parent is not None:  # its reader is not a loop: stop() does not wait for it
             then_deliver = Wake(self.parent, "d")
@@ -363,7 +363,7 @@ class Service:
     def run_forever(self) -> int:
         """``aidnode serve``: run until SIGTERM/SIGINT; returns the exit code."""
         stop = self.stop_requested
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if self.parent is None else (signal.SIGTERM,):
             signal.signal(sig, lambda *_: stop.set())
         self.start()
         watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6

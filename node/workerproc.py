@@ -104,11 +104,15 @@ class WorkerProcess:
 
     def __init__(self, config: Config, db: Database, metrics: Metrics,
                  on_deliver: Callable[[], None], stopping: threading.Event,
-                 on_death: Callable[[], object] = lambda: None) -> None:
+                 on_death: Callable[[], object] = lambda: None,
+                 stop_requested: threading.Event | None = None) -> None:
         self.config = config.model_copy(update={"metrics": MetricsConfig(
             enabled=config.metrics.enabled, host="127.0.0.1", port=0)})
         self.db, self.metrics = db, metrics
         self.on_deliver, self.stopping, self.on_death = on_deliver, stopping, on_death
+        #: Set when the parent was told to stop: a child that exits then was stopped too (a
+        #: signal sent to the whole process group or cgroup), it did not die.
+        self.stop_requested = stop_requested or stopping
         self.proc: subprocess.Popen[bytes] | None = None
         self.link: Link | None = None
         self.metrics_port: int | None = None
@@ -138,8 +142,9 @@ class WorkerProcess:
                 link.close()
                 with self._lock:
                     self.link, self.metrics_port = None, None
-                if self.stopping.is_set():
+                if self.stopping.is_set() or self.stop_requested.is_set():
                     log.info("worker process %d exited (%s)", proc.pid, _exit_text(rc))
+                    self.stopping.wait()
                     return
                 self._after_death(proc.pid, rc)
             if time.monotonic() - started >= HEALTHY_AFTER_S:
@@ -253,6 +258,8 @@ def main(argv: list[str]) -> int:
     config = Config.model_validate_json(sys.stdin.buffer.read())
     node_logging.setup(config.logging.level, config.logging.format)
     link = Link(socket.socket(fileno=fd))
+    # Ctrl-C reaches the whole process group: the parent stops this process with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     db, store = open_storage(config)
     service = Service(config, db, store, role=Role.WORKER, parent=link)
     return service.run_forever()

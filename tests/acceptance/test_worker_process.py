@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.standin import StandInPACS
 from storage import registry
 from storage.models import JobKind, JobStatus
 from tests.acceptance.test_serve import last_log, serve, stop
+from tests.conftest import NODE_AE
 from tests.faults.nodes import (
     NodeState,
     analysing_config,
@@ -108,3 +112,32 @@ def test_kill_9_of_serve_takes_its_worker_process_with_it(
         proc.wait(timeout=30)
         wait_for(lambda: process_state(child) in ("", "Z"), 10,
                  what="the worker process to die with its parent")
+
+
+def test_sigterm_to_both_processes_at_once_is_a_stop_not_a_death(
+        tmp_path: Path, untrained_model: Path, standin: tuple[StandInPACS, int]) -> None:
+    """What systemd without ``KillMode=mixed``, or Ctrl-C in a terminal, does: the signal
+    reaches the child too. The child stops; the parent must not take that for a crash.
+
+    An association held open keeps the parent draining (it waits for associations in
+    progress before it stops its stages), so the child is gone first, every time."""
+    _pacs, pacs_port = standin
+    folder = child_config(tmp_path, untrained_model, pacs_port, free_port())
+    with node_state(folder) as node, serve(folder) as proc:
+        wait_for(lambda: len(workers(node)) == 1, 60, what="the worker process to register")
+        (child,) = workers(node)
+        ae = AE("MODALITY")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(node.config.node.host, node.config.node.port, ae_title=NODE_AE)
+        assert assoc.is_established
+        try:
+            os.kill(child, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
+            wait_for(lambda: process_state(child) in ("", "Z"), 30, what="the child to stop")
+            time.sleep(0.5)  # where the parent, had it taken that for a death, would say so
+        finally:
+            assoc.release()
+        assert proc.wait(timeout=60) == 0
+    log = last_log(folder).read_text()
+    assert f"worker process {child} exited (exit code 0)" in log
+    assert "died" not in log and "again" not in log

@@ -47,6 +47,7 @@ def test_unit_is_a_notify_service_with_watchdog_and_restart() -> None:
     assert int(_one(service, "WatchdogSec")) > 0
     assert _one(service, "Restart") == "on-failure"
     assert _one(service, "KillSignal") == "SIGTERM"
+    assert _one(service, "KillMode") == "mixed"  # serve stops its worker process itself
     assert _one(service, "ExecStart").endswith("aidnode --config /etc/aidnode/config.toml serve")
 
 
