@@ -10,8 +10,9 @@ CT series whose description is ``ANALYSE``; other CT series are only stored.
    association (dcmtk ``storescu``, TCP_NODELAY=1) twice: once with the worker idle, and once
    while the worker analyses a 600-slice series queued just before (the send starts when its job
    is RUNNING; the round says whether the job was still running when the send ended). Target:
-   the second rate is no more than 10% below the first. Measured for each layout of
-   ``LAYOUTS``: ``aidnode serve`` as installed (its worker in a child process), the same with
+   the second rate is no more than 10% below the first. Each round starts a node for each
+   layout of ``LAYOUTS`` (in turn, the order rotating), waits for its worker's warm-up, and
+   measures: ``aidnode serve`` as installed (its worker in a child process), the same with
    ``inference.separate_process = false`` (the worker in threads of the receiver's process),
    and with ``--split`` also a ``--role receiver`` plus a ``--role worker`` process.
 2. **Memory over a long run.** ``--batches`` x 300 CT instances (3000 by default), each batch a
@@ -86,40 +87,52 @@ LAYOUTS = {
 }
 
 
-def while_analysing(tmp: Path, model: Path, rounds: int, layout: str) -> list[dict[str, Any]]:
+def while_analysing(tmp: Path, model: Path, rounds: int,
+                    layouts: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each round measures every layout once, in an order that rotates from round to round (this
+    VM's speed drifts over minutes), each on a node of its own started for it and warmed up."""
+    out: dict[str, list[dict[str, Any]]] = {layout: [] for layout in layouts}
+    for rnd in range(1, rounds + 1):
+        shift = (rnd - 1) % len(layouts)
+        for layout in layouts[shift:] + layouts[:shift]:
+            out[layout].append(_one_round(tmp / f"round-{rnd}-{layout}", model, rnd, layout))
+    return out
+
+
+def _one_round(tmp: Path, model: Path, rnd: int, layout: str) -> dict[str, Any]:
     rule = [{"name": "ct", "model": str(model),
              "match": {"modality": ["CT"], "series_description": ANALYSE}}]
-    out = []
     _what, role, separate = LAYOUTS[layout]
     split = layout == "split"
-    with aidnode_serve(tmp / f"node-a-{layout}", rules=rule, role=role,
+    idle_files = _series(tmp / "idle", 300, 512, "STORE ONLY", seed=10 + rnd)
+    busy_files = _series(tmp / "busy", 300, 512, "STORE ONLY", seed=20 + rnd)
+    heavy = _series(tmp / "heavy", 600, 256, ANALYSE, seed=30 + rnd)
+    with aidnode_serve(tmp / "node", rules=rule, role=role,
                        inference={"workers": 1, "models_dir": "models",
                                   "separate_process": separate},
                        assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
             (another_process(node, "worker") if split else nullcontext()):
-        for rnd in range(1, rounds + 1):
-            idle_files = _series(tmp / f"idle-{rnd}", 300, 512, "STORE ONLY", seed=10 + rnd)
-            busy_files = _series(tmp / f"busy-{rnd}", 300, 512, "STORE ONLY", seed=20 + rnd)
-            heavy = _series(tmp / f"heavy-{rnd}", 600, 256, ANALYSE, seed=30 + rnd)
-            idle_s = _send(node, idle_files)
-            before = len(_job_states(node))
-            _send(node, heavy)
-            if not wait_until(lambda n=before: "RUNNING" in _job_states(node)[n:], 120, 0.05):
-                raise SystemExit("the analysis job never started")
-            busy_s = _send(node, busy_files)
-            still_running = "RUNNING" in _job_states(node)[before:]
-            wait_until(lambda: "RUNNING" not in _job_states(node)
-                       and "QUEUED" not in _job_states(node), 900, 0.5)
-            r = {"round": rnd, "layout": layout,
-                 "idle_images_per_s": 300 / idle_s,
-                 "analysing_images_per_s": 300 / busy_s, "analysis_overlapped": still_running}
-            r["drop_percent"] = 100 * (1 - r["analysing_images_per_s"] / r["idle_images_per_s"])
-            print(f"  {layout}, round {rnd}: idle {r['idle_images_per_s']:.1f}, while analysing "
-                  f"{r['analysing_images_per_s']:.1f} images/s ({r['drop_percent']:.0f}% lower; "
-                  f"analysis {'overlapped the whole send' if still_running else 'ENDED EARLY'})",
-                  flush=True)
-            out.append(r)
-    return out
+        # The worker loads the model and builds a throwaway result when it starts: not during
+        # the idle send.
+        if not wait_until(lambda: any("warmed up" in f.read_text(errors="replace")
+                                      for f in node.folder.glob("*.log")), 120, 0.1):
+            raise SystemExit(f"{layout}: the worker did not warm up")
+        idle_s = _send(node, idle_files)
+        _send(node, heavy)
+        if not wait_until(lambda: "RUNNING" in _job_states(node), 120, 0.05):
+            raise SystemExit("the analysis job never started")
+        busy_s = _send(node, busy_files)
+        still_running = "RUNNING" in _job_states(node)
+        wait_until(lambda: "RUNNING" not in _job_states(node)
+                   and "QUEUED" not in _job_states(node), 900, 0.5)
+    r = {"round": rnd, "layout": layout, "idle_images_per_s": 300 / idle_s,
+         "analysing_images_per_s": 300 / busy_s, "analysis_overlapped": still_running}
+    r["drop_percent"] = 100 * (1 - r["analysing_images_per_s"] / r["idle_images_per_s"])
+    print(f"  round {rnd}, {layout}: idle {r['idle_images_per_s']:.1f}, while analysing "
+          f"{r['analysing_images_per_s']:.1f} images/s ({r['drop_percent']:.0f}% lower; "
+          f"analysis {'overlapped the whole send' if still_running else 'ENDED EARLY'})",
+          flush=True)
+    return r
 
 
 def long_run(tmp: Path, model: Path, batches: int) -> dict[str, Any]:
@@ -171,8 +184,7 @@ def main() -> int:
         print(f"model: {note}")
         print("receiving while analysing:")
         layouts = ["child", "threads"] + (["split"] if args.split else [])
-        report["while_analysing"] = {
-            layout: while_analysing(tmp, model, args.rounds, layout) for layout in layouts}
+        report["while_analysing"] = while_analysing(tmp, model, args.rounds, layouts)
         if not args.skip_long:
             print("long run:")
             report["long_run"] = long_run(tmp, model, args.batches)

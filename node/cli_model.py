@@ -223,6 +223,7 @@ host = "127.0.0.1"
 port = {pacs_port}
 [inference]
 models_dir = {json.dumps(str(base_cfg.inference.models_dir))}
+separate_process = false   # one study, nothing to receive beside it: no child process to start
 [metrics]
 enabled = false
 """)

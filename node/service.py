@@ -1,7 +1,8 @@
 """The long-running service: receiver, assembler, workers, senders, metrics.
 
-One process runs every part (``--role all``, the default), or one role of several processes that
-share a PostgreSQL database and a file store: ``receiver`` (the SCP, the assembler and retention),
+One ``aidnode serve`` runs every part (``--role all``, the default; its analysis workers in a
+child process, ``node.workerproc``, unless ``inference.separate_process`` is false), or one role
+of several processes that share a PostgreSQL database and a file store: ``receiver`` (the SCP, the assembler and retention),
 ``worker`` (analysis) or ``sender`` (delivery). Every process registers itself in
 ``service_nodes`` and renews a heartbeat there; every process re-queues stale leases.
 

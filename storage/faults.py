@@ -10,6 +10,9 @@ atexit, no flush, as with ``kill -9`` or a power cut that spares the disk.
     AIDNODE_CRASH_AT=NAME:SIGSTOP    freeze instead (the whole process, every thread), to be
                                      resumed from outside with SIGCONT; works with @N too
 
+``aidnode serve`` passes the variable to its worker's child process (``node.workerproc``) the
+first time only: a child killed at a worker point is followed by one that runs on.
+
 The points (``POINTS``) and where they sit:
 
 - ``store.after_write``: the temporary file is written, not yet fsynced (``storage.files``).
