@@ -2,9 +2,10 @@
 
 One ``aidnode serve`` runs every part (``--role all``, the default; its analysis workers in a
 child process, ``node.workerproc``, unless ``inference.separate_process`` is false), or one role
-of several processes that share a PostgreSQL database and a file store: ``receiver`` (the SCP, the assembler and retention),
-``worker`` (analysis) or ``sender`` (delivery). Every process registers itself in
-``service_nodes`` and renews a heartbeat there; every process re-queues stale leases.
+of several processes that share a PostgreSQL database and a file store: ``receiver`` (the SCP,
+the assembler and retention), ``worker`` (analysis) or ``sender`` (delivery). Every process
+registers itself in ``service_nodes`` and renews a heartbeat there; every process re-queues
+stale leases.
 
 Start-up: check the schema, remove partial writes, re-queue jobs whose lease went stale, make
 sure the models the rules name are installed (building the demo if needed), start everything,

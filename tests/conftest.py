@@ -232,6 +232,18 @@ def node_service(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
         service.stop(grace_s=5)
 
 
+@pytest.fixture
+def standin(tmp_path: Path) -> Iterator[tuple[Any, int]]:
+    """A stand-in PACS (``node.standin``) that keeps every C-STORE it receives, duplicates
+    included, as AE title PACS on a free port: (the PACS, its port)."""
+    from node.standin import StandInPACS
+
+    pacs = StandInPACS(tmp_path / "pacs", ae_title="PACS")
+    port = pacs.start()
+    yield pacs, port
+    pacs.stop()
+
+
 @pytest.fixture(scope="session")
 def untrained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid model package with untrained weights and thresholds of 0.01, so every finding

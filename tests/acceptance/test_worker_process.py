@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,13 +37,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ANALYSIS_TIMEOUT_S = 240.0
 LONG_LEASE_S = 3600.0  # a job re-queued in the test was re-queued by the parent, not by a lease
 
-
-@pytest.fixture
-def standin(tmp_path: Path) -> Iterator[tuple[StandInPACS, int]]:
-    pacs = StandInPACS(tmp_path / "pacs", ae_title="PACS")
-    port = pacs.start()
-    yield pacs, port
-    pacs.stop()
 
 
 def child_config(tmp_path: Path, model: Path, pacs_port: int, metrics_port: int) -> Path:

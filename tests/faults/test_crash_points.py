@@ -17,7 +17,6 @@ object.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,14 +48,6 @@ ANALYSIS_TIMEOUT_S = 240.0
 ANALYZE, DELIVER = JobKind.ANALYZE, JobKind.DELIVER
 SUCCEEDED, RUNNING = JobStatus.SUCCEEDED, JobStatus.RUNNING
 
-
-@pytest.fixture
-def standin(tmp_path: Path) -> Iterator[tuple[StandInPACS, int]]:
-    """A stand-in PACS that keeps every C-STORE it receives, duplicates included."""
-    pacs = StandInPACS(tmp_path / "pacs", ae_title="PACS")
-    port = pacs.start()
-    yield pacs, port
-    pacs.stop()
 
 
 def study(tmp_path: Path) -> tuple[list[Path], set[str]]:

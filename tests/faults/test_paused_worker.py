@@ -12,7 +12,6 @@ thread at once, as a stalled VM or a swap storm would cause; the test continues 
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -40,13 +39,6 @@ from tests.peers import _tail, free_port, wait_for
 LEASE_S = 6.0  # heartbeats every 2 s
 TIMEOUT_S = 240.0
 
-
-@pytest.fixture
-def standin(tmp_path: Path) -> Iterator[tuple[StandInPACS, int]]:
-    pacs = StandInPACS(tmp_path / "pacs", ae_title="PACS")
-    port = pacs.start()
-    yield pacs, port
-    pacs.stop()
 
 
 def analyze_job(node: NodeState) -> tuple[JobStatus, str, list[str]]:
