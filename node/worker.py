@@ -36,7 +36,9 @@ from storage.faults import crash_point
 from storage.files import FileStore
 from storage.models import (
     Instance,
+    Job,
     JobKind,
+    JobStatus,
     Result,
     ResultObject,
     Series,
@@ -179,10 +181,15 @@ class Analyzer:
         try:
             outcome = self._process(job, lost, phases)
         except Exception as exc:
-            retryable = bool(getattr(exc, "retryable", False))
-            if not isinstance(exc, InferenceError | StorageError | models.ModelNotFoundError):
-                log.exception("ANALYZE job %d: unexpected error", job.id)
-            outcome = self._fail(job, f"{type(exc).__name__}: {exc}", retryable)
+            if getattr(exc, "maybe_committed", False) and self._succeeded(job.id):
+                # The publishing COMMIT raised after it took effect: the job is done.
+                self.metrics.jobs.labels("ANALYZE", "succeeded").inc()
+                outcome = "succeeded (its COMMIT reported a failure after taking effect)"
+            else:
+                retryable = bool(getattr(exc, "retryable", False))
+                if not isinstance(exc, InferenceError | StorageError | models.ModelNotFoundError):
+                    log.exception("ANALYZE job %d: unexpected error", job.id)
+                outcome = self._fail(job, f"{type(exc).__name__}: {exc}", retryable)
         finally:
             stop.set()
             beat.join()
@@ -201,6 +208,14 @@ class Analyzer:
                         return
             except StorageError:
                 log.warning("heartbeat for job %d failed; will try again", job.id)
+
+    def _succeeded(self, job_id: int) -> bool:
+        try:
+            with self.db.read() as s:
+                job = s.get(Job, job_id)
+                return job is not None and job.status == JobStatus.SUCCEEDED
+        except StorageError:  # cannot tell: report the failure as it came
+            return False
 
     def _fail(self, job: jobs.Claimed, error: str, retryable: bool) -> str:
         try:

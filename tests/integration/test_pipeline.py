@@ -239,6 +239,7 @@ def test_results_whose_commit_fails_after_taking_effect_are_still_delivered(
                                    Exception("server closed the connection unexpectedly"))
 
     monkeypatch.setattr(Session, "commit", commit_then_lose)
+    caplog.set_level(logging.INFO, logger="node.worker")
     pacs = StandInPACS(tmp_path / "pacs", ae_title="PACS")
     port = pacs.start()
     try:
@@ -248,6 +249,10 @@ def test_results_whose_commit_fails_after_taking_effect_are_still_delivered(
         wait_for(lambda: count(node, Job, *done) == 1, 120, what="the delivery")
         assert lost == [1]
         assert "failed after it took effect; the files are kept" in caplog.text
+        # The job's outcome line says what happened, not that a lease was lost.
+        wait_for(lambda: "ANALYZE job" in caplog.text, 10, what="the job's outcome line")
+        assert "succeeded (its COMMIT reported a failure after taking effect)" in caplog.text
+        assert "lost its lease" not in caplog.text
         with node.db.read() as s:
             paths = list(s.execute(select(ResultObject.path)).scalars())
         assert paths and all(node.store.path(p).is_file() for p in paths)
