@@ -17,6 +17,7 @@ jobs finish, and exits 0.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -98,20 +100,51 @@ def log_training(done: int, total: int, loss: float) -> None:
                  done, total, 100 * done // max(1, total), loss)
 
 
-def ensure_models(cfg: Config, progress: Callable[[int, int, float], None] | None = None) -> None:
+def ensure_models(cfg: Config, progress: Callable[[int, int, float], None] | None = None,
+                  in_process: bool = True) -> None:
     """Build the demo model when a rule names it and it is not installed yet; ``progress``
-    (default: ``log_training``) gets each training step."""
-    if any(r.model == models.DEMO for r in cfg.rules):
-        try:
-            models.resolve(cfg, models.DEMO)
-        except models.ModelNotFoundError:
-            from inference.train import build_demo_package
+    (default: ``log_training``) gets each training step.
 
-            log.info("demo model not installed: training it now (a few minutes on CPU)")
-            report = build_demo_package(models.model_dir(cfg, models.DEMO),
-                                        steps=cfg.inference.demo_steps, seed=0,
-                                        progress=progress or log_training)
-            log.info("demo model ready: %s", report)
+    ``in_process=False`` (the service) trains in a process of its own, logging as the service
+    does: the training's memory (2 GB of RSS kept by ``serve`` after a first start, measured)
+    and torch leave with it instead of staying in the receiving process until it restarts.
+    """
+    if not any(r.model == models.DEMO for r in cfg.rules):
+        return
+    try:
+        models.resolve(cfg, models.DEMO)
+        return
+    except models.ModelNotFoundError:
+        pass
+    log.info("demo model not installed: training it now (a few minutes on CPU)")
+    directory = models.model_dir(cfg, models.DEMO)
+    if in_process:
+        _train_demo(directory, cfg.inference.demo_steps, progress)
+        return
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_train_demo_process, name="aidnode-train-demo",
+        args=(directory, cfg.inference.demo_steps, cfg.logging.level, cfg.logging.format))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"training the demo model failed (exit code {proc.exitcode}); "
+                           "its log lines are above")
+
+
+def _train_demo(directory: Path, steps: int,
+                progress: Callable[[int, int, float], None] | None = None) -> None:
+    from inference.train import build_demo_package
+
+    report = build_demo_package(directory, steps=steps, seed=0, progress=progress or log_training)
+    log.info("demo model ready: %s", report)
+
+
+def _train_demo_process(directory: Path, steps: int, level: str, fmt: str) -> None:
+    """The training process's entry point (``ensure_models(in_process=False)``)."""
+    from node import logging as node_logging
+
+    node_logging.setup(level, fmt)
+    _train_demo(directory, steps)
 
 
 @dataclass
@@ -230,7 +263,7 @@ class Service:
     def start(self, host: str | None = None, port: int | None = None) -> None:
         self.recover()
         if self.role.runs(Role.WORKER):
-            ensure_models(self.config)
+            ensure_models(self.config, in_process=False)
         with self.db.write() as s:
             registry.register(s, self.name, self.role.value, aidnode_version())
         log.info("role %s, registered as %s", self.role.value, self.name)
