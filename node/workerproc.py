@@ -154,12 +154,12 @@ class WorkerProcess:
             delay = min(RESTART_DELAY_S[1], delay * 2)
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], Link]:
+        # Called from the supervising thread: the kernel's PR_SET_PDEATHSIG follows the thread
+        # that forked, and this one ends only when the service stops (or dies).
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+        env = child_env()
         if self.starts:  # a test's crash point arms only the first child, so the next runs on
             env.pop(faults.ENV, None)
-        root = str(Path(__file__).resolve().parent.parent)  # where the node package lives
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "node.workerproc", str(theirs.fileno()), str(os.getpid())],
@@ -228,6 +228,16 @@ class WorkerProcess:
             log.error("worker process %d did not stop in %.0f s; killing it", proc.pid, grace_s)
             proc.kill()
             proc.wait()
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a Python child of the service: this one, without what systemd gave
+    the main process alone, and with the folder this ``node`` package was imported from first
+    on its path, so the child runs the same code."""
+    env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
 
 
 def _exit_text(rc: int) -> str:
