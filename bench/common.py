@@ -107,7 +107,8 @@ def children(pid: int) -> list[int]:
 
 @dataclass
 class RSSSampler:
-    """Samples a process's (or process tree's) VmRSS every ``interval_s`` in a thread; ``peak_kib`` is the maximum."""
+    """Samples a process's (or process tree's) VmRSS every ``interval_s`` in a thread;
+    ``peak_kib`` is the maximum."""
 
     pid: int
     interval_s: float = 0.05

@@ -7,7 +7,7 @@ untrained package of the same architecture when var/models/demo is not built). I
 CT series whose description is ``ANALYSE``; other CT series are only stored.
 
 1. **Receiving while analysing.** Each round sends 300 CT instances (512x512) over one
-   association (dcmtk ``storescu``, TCP_NODELAY=1) twice: once with the worker idle, and once
+   association (dcmtk ``storescu``, TCP_NODELAY=1) three times: once with the worker idle, once
    while the worker analyses a 600-slice series queued just before (the send starts when its job
    is RUNNING; the round says whether the job was still running when the send ended), and then
    a third time once the analysis is over. Target: the rate while analysing is no more than 10%
