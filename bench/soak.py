@@ -1,6 +1,6 @@
 """Receiving while the model runs, and memory over a long run, with the demo model loaded.
 
-    python bench/soak.py [--rounds 2] [--batches 10] [--json]
+    python bench/soak.py [--rounds 2] [--batches 10] [--layouts child,threads] [--json]
 
 ``aidnode serve`` runs as a subprocess with one worker on the CPU and the demo model (or an
 untrained package of the same architecture when var/models/demo is not built). Its rule analyses
@@ -16,7 +16,8 @@ CT series whose description is ``ANALYSE``; other CT series are only stored.
    layout of ``LAYOUTS`` (in turn, the order rotating), waits for its worker's warm-up, and
    measures: ``aidnode serve`` as installed (its worker in a child process), the same with
    ``inference.separate_process = false`` (the worker in threads of the receiver's process),
-   and with ``--split`` also a ``--role receiver`` plus a ``--role worker`` process.
+   and with ``--layouts`` others: ``split`` (a ``--role receiver`` plus a ``--role worker``
+   process), ``child-nice19`` (the child's worker at niceness 19).
 2. **Memory over a long run.** ``--batches`` x 300 CT instances (3000 by default), each batch a
    new study that is analysed (so the model is loaded and runs throughout), over one
    association per batch. VmRSS of ``aidnode serve`` and its worker's child process together
@@ -81,11 +82,14 @@ def _job_states(node: Any) -> list[str]:
     return [r[0] for r in node.query("SELECT status FROM jobs WHERE kind = 'ANALYZE' ORDER BY id")]
 
 
-#: layout -> (what it is, ``--role`` of the first process, inference.separate_process)
-LAYOUTS = {
-    "child": ("aidnode serve: the worker in a child process (the default)", "all", True),
-    "threads": ("aidnode serve, separate_process = false: the worker in threads", "all", False),
-    "split": ("a --role receiver and a --role worker process", "receiver", True),
+#: layout -> (what it is, ``--role`` of the first process, [inference] settings)
+LAYOUTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "child": ("aidnode serve: the worker in a child process (the default)", "all", {}),
+    "threads": ("aidnode serve, separate_process = false: the worker in threads", "all",
+                {"separate_process": False}),
+    "split": ("a --role receiver and a --role worker process", "receiver", {}),
+    "child-nice19": ("aidnode serve, the worker in a child process at niceness 19", "all",
+                     {"nice": 19}),
 }
 
 
@@ -104,15 +108,14 @@ def while_analysing(tmp: Path, model: Path, rounds: int,
 def _one_round(tmp: Path, model: Path, rnd: int, layout: str) -> dict[str, Any]:
     rule = [{"name": "ct", "model": str(model),
              "match": {"modality": ["CT"], "series_description": ANALYSE}}]
-    _what, role, separate = LAYOUTS[layout]
+    _what, role, settings = LAYOUTS[layout]
     split = layout == "split"
     idle_files = _series(tmp / "idle", 300, 512, "STORE ONLY", seed=10 + rnd)
     busy_files = _series(tmp / "busy", 300, 512, "STORE ONLY", seed=20 + rnd)
     after_files = _series(tmp / "after", 300, 512, "STORE ONLY", seed=40 + rnd)
     heavy = _series(tmp / "heavy", 600, 256, ANALYSE, seed=30 + rnd)
     with aidnode_serve(tmp / "node", rules=rule, role=role,
-                       inference={"workers": 1, "models_dir": "models",
-                                  "separate_process": separate},
+                       inference={"workers": 1, "models_dir": "models", **settings},
                        assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
             (another_process(node, "worker") if split else nullcontext()):
         # The worker loads the model and builds a throwaway result when it starts: not during
@@ -180,8 +183,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--skip-long", action="store_true")
-    ap.add_argument("--split", action="store_true",
-                    help="also measure a --role receiver and a --role worker process")
+    ap.add_argument("--layouts", default="child,threads",
+                    help=f"comma-separated, of: {', '.join(LAYOUTS)} (default: child,threads)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     report: dict[str, Any] = {"machine": machine()}
@@ -191,7 +194,11 @@ def main() -> int:
         report["model"] = note
         print(f"model: {note}")
         print("receiving while analysing:")
-        layouts = ["child", "threads"] + (["split"] if args.split else [])
+        layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+        unknown = [x for x in layouts if x not in LAYOUTS]
+        if unknown or not layouts:
+            ap.error(f"--layouts: unknown {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(LAYOUTS)}")
         report["while_analysing"] = while_analysing(tmp, model, args.rounds, layouts)
         if not args.skip_long:
             print("long run:")
