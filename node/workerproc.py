@@ -117,7 +117,6 @@ class WorkerProcess:
         self.link: Link | None = None
         self.metrics_port: int | None = None
         self.starts = 0
-        self._stopped = False  # set by stop(): a child started after it is stopped at once
         self._lock = threading.Lock()
         metrics.add_source(self._child_metrics)
 
@@ -179,7 +178,7 @@ class WorkerProcess:
         link = Link(mine)
         with self._lock:
             self.proc, self.link = proc, link
-            if self._stopped:
+            if self.stopping.is_set():  # stop() ran, or runs next and sees this child
                 proc.terminate()
         log.info("worker process %d started", proc.pid)
         return proc, link
@@ -215,9 +214,9 @@ class WorkerProcess:
         return scrape(port) if port else None
 
     def stop(self, grace_s: float) -> None:
-        """SIGTERM the child (it finishes its job, up to ``grace_s``), then SIGKILL it."""
+        """SIGTERM the child (it finishes its job, up to ``grace_s``), then SIGKILL it. Called
+        once ``stopping`` is set, so a child started concurrently is terminated by its spawner."""
         with self._lock:
-            self._stopped = True
             proc = self.proc
         if proc is None or proc.poll() is not None:
             return

@@ -27,6 +27,7 @@ from tests.faults.nodes import (
     node_state,
     process_state,
     send_until_gone,
+    stat_fields,
 )
 from tests.faults.test_crash_points import assert_received_once, delivered, study
 from tests.integration.test_metrics import samples
@@ -51,11 +52,6 @@ def workers(node: NodeState) -> list[int]:
         return [n.pid for n in registry.live(s) if n.role == "worker"]
 
 
-def parent_of(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
 def test_a_worker_process_that_dies_is_started_again_and_its_job_runs_once(
         tmp_path: Path, untrained_model: Path, standin: tuple[StandInPACS, int]) -> None:
     pacs, pacs_port = standin
@@ -77,7 +73,7 @@ def test_a_worker_process_that_dies_is_started_again_and_its_job_runs_once(
 
             # One registry row for the new child, a child of `serve`.
             (child,) = workers(node)
-            assert parent_of(child) == proc.pid
+            assert int(stat_fields(child)[1]) == proc.pid  # its parent
             # The parent's endpoint serves the child's series beside its own, each once.
             got = samples(metrics_port)
             assert got[("aidnode_instances_received_total", (("outcome", "new"),))] == len(uids)
@@ -95,15 +91,28 @@ def test_a_worker_process_that_dies_is_started_again_and_its_job_runs_once(
 
 def test_kill_9_of_serve_takes_its_worker_process_with_it(
         tmp_path: Path, untrained_model: Path, standin: tuple[StandInPACS, int]) -> None:
+    """Even a child frozen mid-job (SIGSTOP after the model ran), which cannot notice that its
+    parent's end of the link closed: the kernel kills it (``PR_SET_PDEATHSIG``), so no worker
+    is left to publish into a node that restarted and recovered without it."""
     _pacs, pacs_port = standin
     folder = child_config(tmp_path, untrained_model, pacs_port, free_port())
-    with node_state(folder) as node, serve(folder) as proc:
-        wait_for(lambda: len(workers(node)) == 1, 60, what="the worker process to register")
-        (child,) = workers(node)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        wait_for(lambda: process_state(child) in ("", "Z"), 10,
-                 what="the worker process to die with its parent")
+    files, uids = study(tmp_path)
+    child = 0
+    try:
+        with node_state(folder) as node, \
+                serve(folder, {"AIDNODE_CRASH_AT": "worker.after_model:SIGSTOP"}) as proc:
+            assert send_until_gone(node.config, files) == (uids, False)
+            wait_for(lambda: len(workers(node)) == 1, 60, what="the worker process to register")
+            (child,) = workers(node)
+            wait_for(lambda: process_state(child) == "T", ANALYSIS_TIMEOUT_S,
+                     what="the worker to freeze after the model ran")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            wait_for(lambda: process_state(child) in ("", "Z"), 10,
+                     what="the frozen worker process to die with its parent")
+    finally:
+        if child and process_state(child) not in ("", "Z"):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_sigterm_to_both_processes_at_once_is_a_stop_not_a_death(

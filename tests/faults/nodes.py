@@ -160,10 +160,17 @@ def serve_role(config: Path, role: str, log: Path,
         proc.wait(timeout=30)
 
 
-def process_state(pid: int) -> str:
-    """The state letter of ``/proc/PID/stat``: R, S, D, T (stopped), Z, ... ("" when gone)."""
+def stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, ...); [] when
+    the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[0]  # the command name in () may hold spaces
+        return []
+    return stat.rsplit(")", 1)[1].split()  # the command name in () may hold spaces
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``/proc/PID/stat``: R, S, D, T (stopped), Z, ... ("" when gone)."""
+    fields = stat_fields(pid)
+    return fields[0] if fields else ""
