@@ -264,7 +264,10 @@ class Service:
         self.metrics.disk_free_bytes.set(self.store.free_bytes())
 
     def start(self, host: str | None = None, port: int | None = None) -> None:
-        self.recover()
+        if self.parent is None:
+            self.recover()
+        else:  # a worker's child process: its parent recovered the store before starting it
+            self.db.check_schema()
         if self.role.runs(Role.WORKER):
             ensure_models(self.config, in_process=False)
         with self.db.write() as s:
