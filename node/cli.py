@@ -159,6 +159,9 @@ def serve(
 ) -> None:
     """Run the node: receiver, assembler, workers, senders, metrics.
 
+    With --role all the workers run in a child process that serve restarts if it dies
+    ([inference] separate_process).
+
     Example: aidnode serve --role worker -c /etc/aidnode/config.toml
     """
     from node.service import Role, Service, open_storage
