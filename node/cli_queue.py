@@ -19,6 +19,7 @@ from node.cli import (
     state,
 )
 from node.errors import NodeError
+from node.workerproc import RESTART_DELAY_S
 from storage import clock, jobs, registry
 from storage.models import (
     Delivery,
@@ -72,8 +73,10 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                                      .order_by(Job.updated_at.desc()).limit(5)).scalars()]
         studies = s.execute(select(func.count()).select_from(Study)).scalar()
         procs = registry.nodes(s)
+        deaths = registry.worker_deaths(s)
     data = {
         "processes": [p.as_dict() for p in procs],
+        "worker_process_deaths": [d.as_dict() for d in deaths],
         "listening": f"{cfg.node.ae_title}@{cfg.node.host}:{cfg.node.port}",
         "models": [{"name": m.name, "version": m.version, "path": str(m.directory)}
                    for m in models.installed(cfg)],
@@ -99,6 +102,12 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
          + (" (stale: stopped?)" if p.stale else ""), p.jobs_in_hand] for p in procs]))
     if not procs:
         out.print("no `aidnode serve` process is registered (none running?)")
+    for d in deaths:
+        out.print(f"worker process of {d.process}: died {d.count} time(s) in the last hour, "
+                  f"last {_age(d.last_at)} ago ({d.last_exit}); "
+                  + ("a worker process has registered on its host since" if d.running else
+                     "NONE RUNNING NOW: it is started again, at most every "
+                     f"{RESTART_DELAY_S[1]:.0f} s; the service log says why it stops"))
     for e in errors:
         out.print(f"  job {e['job']} ({e['kind']}): {e['error']}")
 

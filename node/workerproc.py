@@ -36,7 +36,7 @@ from typing import Protocol
 
 from node.config import Config, MetricsConfig
 from node.metrics import Metrics, scrape
-from storage import faults, jobs, registry
+from storage import audit, faults, jobs, registry
 from storage.db import Database
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class WorkerProcess:
         delay = RESTART_DELAY_S[0]
         while not self.stopping.is_set():
             started = time.monotonic()
+            died: tuple[int, int] | None = None  # (pid, exit status) of a child that died
             try:
                 proc, link = self._spawn()
             except OSError:
@@ -145,9 +146,11 @@ class WorkerProcess:
                     log.info("worker process %d exited (%s)", proc.pid, _exit_text(rc))
                     self.stopping.wait()
                     return
-                self._after_death(proc.pid, rc)
+                died = (proc.pid, rc)
             if time.monotonic() - started >= HEALTHY_AFTER_S:
                 delay = RESTART_DELAY_S[0]
+            if died is not None:
+                self._after_death(*died, restart_in_s=delay)
             log.warning("starting the worker process again in %.0f s", delay)
             self.stopping.wait(delay)
             delay = min(RESTART_DELAY_S[1], delay * 2)
@@ -191,14 +194,18 @@ class WorkerProcess:
                 elif m.startswith("m "):
                     self.metrics_port = int(m[2:])
 
-    def _after_death(self, pid: int, rc: int) -> None:
-        """The child exited on its own: free its jobs and its registry row at once."""
+    def _after_death(self, pid: int, rc: int, restart_in_s: float) -> None:
+        """The child exited on its own: free its jobs and its registry row at once, and record
+        the death where ``aidnode status`` and ``aidnode audit list`` show it."""
         name = registry.process_name(pid=pid)
         self.metrics.worker_restarts.inc()
         try:
             with self.db.write() as s:
                 ids = jobs.requeue_process(s, name)
                 registry.deregister(s, name)
+                audit.record(s, audit.AuditKind.WORKER_PROCESS_DIED,
+                             process=registry.process_name(), pid=pid, exit=_exit_text(rc),
+                             requeued=ids, restart_in_s=restart_in_s)
         except Exception:  # their leases will run out instead
             log.exception("could not re-queue the jobs of worker process %d", pid)
             ids = []

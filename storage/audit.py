@@ -21,6 +21,7 @@ class AuditKind(enum.StrEnum):
     INSTANCES_RECEIVED = "instances-received"
     RESULTS_SENT = "results-sent"
     ADMIN = "admin"
+    WORKER_PROCESS_DIED = "worker-process-died"
 
 
 def record(s: Session, kind: AuditKind, *, ae_title: str | None = None, host: str | None = None,

@@ -21,11 +21,13 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from storage import clock
-from storage.models import Job, JobStatus, ServiceNode
+from storage.audit import AuditKind
+from storage.models import AuditEvent, Job, JobStatus, ServiceNode
 
 HEARTBEAT_S = 5.0  # how often a running process renews its row
 STALE_AFTER_S = 30.0  # six missed heartbeats
 FORGET_AFTER = timedelta(days=1)  # stale rows are dropped after this
+DEATHS_WINDOW = timedelta(hours=1)  # worker-process deaths that `aidnode status` reports
 
 
 def process_name(host: str | None = None, pid: int | None = None) -> str:
@@ -95,3 +97,46 @@ def nodes(s: Session) -> list[NodeView]:
 def live(s: Session) -> list[NodeView]:
     """The registered processes whose heartbeat is recent."""
     return [n for n in nodes(s) if not n.stale]
+
+
+@dataclass(frozen=True)
+class WorkerDeaths:
+    """The worker child processes of one live ``aidnode serve`` that died recently."""
+
+    process: str  # the supervising process, host:pid
+    count: int  # deaths within the window
+    last_at: datetime
+    last_exit: str
+    #: A worker process on that host registered after the last death (its restart, as far as
+    #: the registry can tell: a child's row does not name its parent).
+    running: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {"process": self.process, "deaths": self.count, "window_s":
+                DEATHS_WINDOW.total_seconds(), "last_at": self.last_at.isoformat(),
+                "last_exit": self.last_exit, "running": self.running}
+
+
+def worker_deaths(s: Session) -> list[WorkerDeaths]:
+    """Per live process, its worker children's deaths in the last ``DEATHS_WINDOW`` (the
+    ``worker-process-died`` audit events its supervisor records)."""
+    events = s.execute(select(AuditEvent).where(
+        AuditEvent.kind == AuditKind.WORKER_PROCESS_DIED.value,
+        AuditEvent.at >= clock.now() - DEATHS_WINDOW).order_by(AuditEvent.at, AuditEvent.id)
+    ).scalars().all()
+    alive = live(s)
+    names = {n.name for n in alive}
+    by_process: dict[str, list[AuditEvent]] = {}
+    for e in events:
+        by_process.setdefault(str(e.detail.get("process")), []).append(e)
+    out = []
+    for name, evs in by_process.items():
+        if name not in names:
+            continue  # its supervisor stopped since: nothing to restart any more
+        last, host = evs[-1], name.rpartition(":")[0]
+        out.append(WorkerDeaths(
+            process=name, count=len(evs), last_at=last.at,
+            last_exit=str(last.detail.get("exit", "?")),
+            running=any(n.role == "worker" and n.host == host and n.started_at >= last.at
+                        for n in alive)))
+    return out

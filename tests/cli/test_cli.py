@@ -28,7 +28,7 @@ from node.metrics import Metrics
 from node.sender import Sender
 from node.service import open_storage
 from node.standin import StandInPACS
-from storage import catalog, clock, jobs
+from storage import audit, catalog, clock, jobs, registry
 from storage.db import Database
 from storage.files import FileStore
 from storage.models import (
@@ -248,6 +248,29 @@ def test_status_json_shows_queues_and_address(node: Node) -> None:
                                          "oldest_age_s": None}
     human = node.run("status")
     assert human.code == 0 and "ANALYZE" in human.out and "DELIVER" in human.out
+
+
+def test_status_reports_a_worker_process_that_keeps_dying(node: Node) -> None:
+    with node.db.write() as s:
+        registry.register(s, "nodehost:4242", "all", "test")
+        registry.register(s, "otherhost:7", "all", "test")
+        for _ in range(3):
+            audit.record(s, audit.AuditKind.WORKER_PROCESS_DIED, process="nodehost:4242",
+                         pid=4243, exit="exit code 1", requeued=[], restart_in_s=4.0)
+        audit.record(s, audit.AuditKind.WORKER_PROCESS_DIED, process="gone:1", pid=2,
+                     exit="killed by SIGKILL", requeued=[], restart_in_s=1.0)
+    r = node.run("status", "--json")
+    assert r.code == 0, r.err
+    (deaths,) = r.json()["worker_process_deaths"]  # "gone:1" is not registered: not shown
+    assert (deaths["process"], deaths["deaths"], deaths["last_exit"], deaths["running"]) == (
+        "nodehost:4242", 3, "exit code 1", False)
+    human = node.run("status")
+    assert "worker process of nodehost:4242: died 3 time(s) in the last hour" in human.out
+    assert "NONE RUNNING NOW" in human.out
+    with node.db.write() as s:  # its restart registers
+        registry.register(s, "nodehost:4250", "worker", "test")
+    assert node.run("status", "--json").json()["worker_process_deaths"][0]["running"] is True
+    assert "has registered on its host since" in node.run("status").out
 
 
 def test_a_command_on_an_unmigrated_database_names_the_fix(tmp_path: Path,
