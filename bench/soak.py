@@ -1,6 +1,7 @@
 """Receiving while the model runs, and memory over a long run, with the demo model loaded.
 
     python bench/soak.py [--rounds 2] [--batches 10] [--layouts child,threads] [--json]
+    python bench/soak.py --paired 12 [--burst 150] --layouts child --skip-long
 
 ``aidnode serve`` runs as a subprocess with one worker on the CPU and the demo model (or an
 untrained package of the same architecture when var/models/demo is not built). Its rule analyses
@@ -17,7 +18,14 @@ CT series whose description is ``ANALYSE``; other CT series are only stored.
    measures: ``aidnode serve`` as installed (its worker in a child process), the same with
    ``inference.separate_process = false`` (the worker in threads of the receiver's process),
    and with ``--layouts`` others: ``split`` (a ``--role receiver`` plus a ``--role worker``
-   process), ``child-nice19`` (the child's worker at niceness 19).
+   process), ``child-nice19`` (the child's worker at niceness 19), ``child-normal`` (the
+   child's model at niceness 10, not under SCHED_IDLE: ``inference.scheduling = "normal"``).
+
+   With ``--paired N`` the comparison is made in short bursts instead, so that the drift
+   cancels: one node per layout, its worker analysing one long series throughout, and N pairs
+   of bursts (``--burst`` instances each, an association each), one while the worker analyses
+   and one while its process is frozen (SIGSTOP, as idle as a worker gets; SIGCONT after), the
+   order alternating from pair to pair. The drop is the median of the pairs' drops.
 2. **Memory over a long run.** ``--batches`` x 300 CT instances (3000 by default), each batch a
    new study that is analysed (so the model is loaded and runs throughout), over one
    association per batch. VmRSS of ``aidnode serve`` and its worker's child process together
@@ -29,10 +37,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import sqlite3
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +56,7 @@ from common import (
     RSSSampler,
     aidnode_serve,
     another_process,
+    children,
     fmt,
     machine,
     median,
@@ -84,12 +96,15 @@ def _job_states(node: Any) -> list[str]:
 
 #: layout -> (what it is, ``--role`` of the first process, [inference] settings)
 LAYOUTS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "child": ("aidnode serve: the worker in a child process (the default)", "all", {}),
+    "child": ("aidnode serve: the worker in a child process, its model under SCHED_IDLE (the "
+              "default)", "all", {}),
     "threads": ("aidnode serve, separate_process = false: the worker in threads", "all",
                 {"separate_process": False}),
     "split": ("a --role receiver and a --role worker process", "receiver", {}),
     "child-nice19": ("aidnode serve, the worker in a child process at niceness 19", "all",
-                     {"nice": 19}),
+                     {"nice": 19, "scheduling": "normal"}),
+    "child-normal": ("aidnode serve, the worker in a child process at niceness 10 only "
+                     "(scheduling = normal)", "all", {"scheduling": "normal"}),
 }
 
 
@@ -146,6 +161,85 @@ def _one_round(tmp: Path, model: Path, rnd: int, layout: str) -> dict[str, Any]:
     return r
 
 
+def _freeze(pid: int, db_path: Path) -> None:
+    """SIGSTOP ``pid`` at a moment it holds no SQLite write lock: frozen holding one (its
+    heartbeat's transaction), it would make the receiver's commits wait and then refuse."""
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with closing(sqlite3.connect(db_path, timeout=0.2, isolation_level=None)) as conn:
+                conn.execute("BEGIN IMMEDIATE")  # the write lock is free: take it and let go
+                conn.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+    raise SystemExit(f"process {pid} kept holding the database's write lock")
+
+
+def paired_bursts(tmp: Path, model: Path, layout: str, pairs: int,
+                  burst: int) -> dict[str, Any]:
+    """Receiving with the worker analysing and with it paused, in short bursts that alternate,
+    so that this VM's drift (minutes) cancels within each pair (seconds).
+
+    One node; the worker analyses one long series all along, and before each idle burst its
+    process is frozen (SIGSTOP: it takes no CPU, as an idle worker) and thawed (SIGCONT)
+    after. Each pair is an analysing and an idle burst of ``burst`` instances, over an
+    association each, in an order that alternates from pair to pair. Only layouts whose worker
+    is a process of its own can be frozen without freezing the receiver.
+    """
+    if layout == "threads":
+        raise SystemExit("--paired: the threads layout's worker cannot be paused on its own")
+    rule = [{"name": "ct", "model": str(model),
+             "match": {"modality": ["CT"], "series_description": ANALYSE}}]
+    _what, role, settings = LAYOUTS[layout]
+    files = [_series(tmp / f"burst-{i}", burst, 512, "STORE ONLY", seed=200 + i)
+             for i in range(2 * pairs)]
+    # About 20 ms per slice on one core here: it outlasts the analysing bursts (pairs x burst
+    # instances at 100-150 images/s), which the report checks.
+    heavy = _series(tmp / "heavy", max(600, pairs * burst), 256, ANALYSE, seed=300)
+    rates: list[tuple[float, float]] = []  # (analysing, idle) images/s per pair
+    with aidnode_serve(tmp / "node", rules=rule, role=role,
+                       inference={"workers": 1, "models_dir": "models", **settings},
+                       assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
+            (another_process(node, "worker") if layout == "split" else nullcontext()) as other:
+        if not wait_until(lambda: any("warmed up" in f.read_text(errors="replace")
+                                      for f in node.folder.glob("*.log")), 120, 0.1):
+            raise SystemExit(f"{layout}: the worker did not warm up")
+        worker_pid = other.pid if other is not None else next(
+            pid for pid in children(node.proc.pid)
+            if b"node.workerproc" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        _send(node, heavy)
+        if not wait_until(lambda: "RUNNING" in _job_states(node), 120, 0.05):
+            raise SystemExit("the analysis job never started")
+        try:
+            for i in range(pairs):
+                busy_first = i % 2 == 0
+                measured = {}
+                for busy in (busy_first, not busy_first):
+                    if not busy:
+                        _freeze(worker_pid, node.db_path)
+                    try:
+                        measured[busy] = burst / _send(node, files[2 * i + int(busy)])
+                    finally:
+                        if not busy:
+                            os.kill(worker_pid, signal.SIGCONT)
+                rates.append((measured[True], measured[False]))
+                print(f"  pair {i + 1}: analysing {measured[True]:.1f}, paused "
+                      f"{measured[False]:.1f} images/s", flush=True)
+            still_running = "RUNNING" in _job_states(node)
+        finally:
+            os.kill(worker_pid, signal.SIGCONT)
+    drops = [100 * (1 - busy / idle) for busy, idle in rates]
+    busy_all = sum(b for b, _ in rates) / len(rates)
+    idle_all = sum(i for _, i in rates) / len(rates)
+    return {"layout": layout, "pairs": len(rates), "burst": burst, "rates": rates,
+            "drop_percent_median": median(drops), "drops": drops,
+            "analysing_images_per_s_mean": busy_all, "idle_images_per_s_mean": idle_all,
+            "drop_percent_of_means": 100 * (1 - busy_all / idle_all),
+            "analysis_overlapped": still_running}
+
+
 def long_run(tmp: Path, model: Path, batches: int) -> dict[str, Any]:
     rule = [{"name": "ct", "model": str(model), "match": {"modality": ["CT"]}}]
     after: list[float] = []
@@ -185,6 +279,10 @@ def main() -> int:
     ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--layouts", default="child,threads",
                     help=f"comma-separated, of: {', '.join(LAYOUTS)} (default: child,threads)")
+    ap.add_argument("--paired", type=int, default=0, metavar="PAIRS",
+                    help="instead of the rounds: PAIRS pairs of short bursts, analysing and "
+                         "with the worker paused, alternating, on one node per layout")
+    ap.add_argument("--burst", type=int, default=150, help="instances per burst (--paired)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     report: dict[str, Any] = {"machine": machine()}
@@ -199,7 +297,12 @@ def main() -> int:
         if unknown or not layouts:
             ap.error(f"--layouts: unknown {', '.join(unknown) or '(none given)'}; "
                      f"choose from {', '.join(LAYOUTS)}")
-        report["while_analysing"] = while_analysing(tmp, model, args.rounds, layouts)
+        if args.paired:
+            report["paired"] = {layout: paired_bursts(tmp / f"paired-{layout}", model, layout,
+                                                      args.paired, args.burst)
+                                for layout in layouts}
+        else:
+            report["while_analysing"] = while_analysing(tmp, model, args.rounds, layouts)
         if not args.skip_long:
             print("long run:")
             report["long_run"] = long_run(tmp, model, args.batches)
@@ -209,7 +312,17 @@ def main() -> int:
     print()
     print_machine(report["machine"])
     print("\n| measure | value | target | met |\n|---|---|---|---|")
-    for key, rows in report["while_analysing"].items():
+    for key, r in report.get("paired", {}).items():
+        met = "yes" if r["drop_percent_median"] <= 10 else "NO"
+        print(f"| {LAYOUTS[key][0]}: {r['pairs']} pairs of {r['burst']}-instance bursts, "
+              f"analysing / worker paused (images/s, means) | "
+              f"{fmt(r['analysing_images_per_s_mean'])} / {fmt(r['idle_images_per_s_mean'])} "
+              f"| | |")
+        each = ", ".join(f"{d:.0f}" for d in r["drops"])
+        print(f"| {LAYOUTS[key][0]}: drop, median of the pairs' ({each}); of the means: "
+              f"{fmt(r['drop_percent_of_means'])}% | {fmt(r['drop_percent_median'])}% | <= 10% "
+              f"| {met}{'' if r['analysis_overlapped'] else ' (the analysis ENDED EARLY)'} |")
+    for key, rows in report.get("while_analysing", {}).items():
         layout = LAYOUTS[key][0]
         idle = median([r["idle_images_per_s"] for r in rows])
         busy = median([r["analysing_images_per_s"] for r in rows])

@@ -191,6 +191,11 @@ class InferenceConfig(_Section):
     cpu_threads: int = Field(0, ge=0, le=256)
     # Niceness of the worker threads (Linux): receiving, which answers scanners, goes first.
     nice: int = Field(10, ge=0, le=19)
+    # "idle": where the worker has a process of its own (serve's child, --role worker), it
+    # decodes, runs the model and builds the results in a thread under SCHED_IDLE (Linux): CPU
+    # time nothing else wants, taken back at once by a receiver thread that wakes. Its
+    # database work stays at `nice`. "normal": niceness only, as in threads of a receiver.
+    scheduling: Literal["idle", "normal"] = "idle"
     # Load the rules' models and build one throwaway result when a worker starts, so the
     # first study does not wait for them.
     warm_up: bool = True

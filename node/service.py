@@ -158,6 +158,7 @@ class Service:
     metrics: Metrics = field(default_factory=Metrics)
     stopping: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
+    analyzers: list[Analyzer] = field(default_factory=list)
     server: Any = None
     metrics_port: int | None = None
     role: Role = Role.ALL
@@ -328,7 +329,9 @@ class Service:
                 sys.setswitchinterval(GIL_SWITCH_S)
             for i in range(self.config.inference.workers):
                 a = Analyzer(self.config, self.db, self.store, self.metrics,
-                             name=f"{self.name}/worker-{i}", tune_thread=True)
+                             name=f"{self.name}/worker-{i}", tune_thread=True,
+                             idle_cpu=not self.role.runs(Role.RECEIVER))
+                self.analyzers.append(a)
                 loops.append((f"worker-{i}", a.run_once, 0.5, analyze_ready, then_deliver))
         if self.role.runs(Role.SENDER) and self.config.destinations:
             snd = Sender(self.config, self.db, self.store, self.metrics,
@@ -388,6 +391,8 @@ class Service:
             self.worker_process.stop(grace_s)
         for t in self.threads:
             t.join(timeout=max(0.1, grace_s))
+        for a in self.analyzers:
+            a.close()
         try:
             with self.db.write() as s:
                 registry.deregister(s, self.name)

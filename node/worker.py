@@ -11,12 +11,15 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -47,6 +50,7 @@ from storage.models import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SOFTWARE_VERSION = "aidnode 0.1.0"
 
 
@@ -82,6 +86,50 @@ class Phases(dict[str, float]):
         return ", ".join(f"{name} {secs:.2f}s" for name, secs in self.items())
 
 
+class IdleThread:
+    """One thread under SCHED_IDLE (Linux) that runs the calls handed to it, one at a time: it
+    gets CPU time that nothing else wants, and a thread that wakes (a receiver's, a sender's)
+    takes the core from it at once. The CPU threads a library starts from it inherit that.
+
+    A daemon thread, as the worker's loop is: a process told to stop does not wait past its
+    grace for a job in progress (the job's lease runs out and it is analysed again)."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
+                                             Future[Any]] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
+        self._thread.start()  # from the worker's thread: its niceness is inherited
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:  # a job that outlived the stop's grace: finish it here
+            return fn(*args)
+        done: Future[T] = Future()
+        self._calls.put((fn, args, done))
+        return done.result()
+
+    def close(self) -> None:
+        """The thread ends after the call in progress, if any."""
+        self._closed = True
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError) as exc:  # not Linux: niceness only
+            log.warning("could not run the model under SCHED_IDLE (niceness only): %s", exc)
+        while (call := self._calls.get()) is not None:
+            fn, args, done = call
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                done.set_exception(exc)
+
+
+def _read_all(paths: Sequence[Path]) -> list[Dataset]:
+    return [dcmread(p) for p in paths]
+
+
 @dataclass
 class Built:
     kind: str
@@ -98,7 +146,12 @@ class Analyzer:
     name: str = "worker"
     _predictors: dict[str, Any] = field(default_factory=dict)
     tune_thread: bool = False  # the service sets it: lower priority, capped CPU threads
+    #: The service sets it where no receiver shares the process (``serve``'s worker child, a
+    #: ``--role worker``): with ``inference.scheduling = "idle"`` the computation then runs in
+    #: a thread of its own under SCHED_IDLE (``_compute``).
+    idle_cpu: bool = False
     _prepared: bool = False
+    _compute_thread: IdleThread | None = None
     _warmed: bool = False
 
     def _prepare_thread(self) -> None:
@@ -115,6 +168,24 @@ class Analyzer:
         threads = cfg.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+        if self.idle_cpu and cfg.scheduling == "idle":
+            self._compute_thread = IdleThread()
+
+    def close(self) -> None:
+        """Let the model thread, if any, end after the call in progress."""
+        if self._compute_thread is not None:
+            self._compute_thread.close()
+            self._compute_thread = None
+
+    def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` (loading a model, decoding the images, the model, building the results)
+        in the idle thread when there is one, so that the CPU threads the model's library
+        starts from it are idle too; the database's transactions and the lease heartbeat stay
+        in threads of normal class (niceness only), so the worker never holds the database's
+        write lock while waiting for CPU time it may not get."""
+        if self._compute_thread is None:
+            return fn(*args)
+        return self._compute_thread.run(fn, *args)
 
     def predictor(self, ref: models.ModelRef) -> Any:
         """The loaded model for ``ref`` (loaded once, kept for later jobs)."""
@@ -143,12 +214,12 @@ class Analyzer:
             started = time.perf_counter()
             try:
                 ref = models.resolve(self.config, name)
-                predictor = self.predictor(ref)
+                predictor = self._compute(self.predictor, ref)
                 loaded = time.perf_counter() - started
                 phantoms = phantom_study(seed=0, size=256, nodule=True)
-                prediction = predictor.predict(phantoms)
-                self._build(str(phantoms[0].StudyInstanceUID), phantoms, prediction, None,
-                            predictor)
+                prediction = self._compute(predictor.predict, phantoms)
+                self._compute(self._build, str(phantoms[0].StudyInstanceUID), phantoms,
+                              prediction, None, predictor)
             except Exception as exc:  # noqa: BLE001 - reported; the jobs will say it again
                 log.warning("could not warm up model %r: %s", name, exc)
                 continue
@@ -257,17 +328,17 @@ class Analyzer:
             raise JobStateError("the selected series hold no instances (purged?)")
         ref = models.resolve(self.config, job.payload.get("model", models.DEMO))
         with phases.timed("load"):
-            predictor = self.predictor(ref)
+            predictor = self._compute(self.predictor, ref)
         with phases.timed("read"):
             paths = [self.store.path(i.path) for i in instances]
             self.store.prefetch(paths)
-            datasets = [dcmread(p) for p in paths]
+            datasets = self._compute(_read_all, paths)
         with phases.timed("model"):
-            prediction: Prediction = predictor.predict(datasets)
+            prediction: Prediction = self._compute(predictor.predict, datasets)
         self.metrics.inference_seconds.labels(ref.name, ref.version).observe(prediction.seconds)
         with phases.timed("build"):
-            built = self._build(study.study_instance_uid, datasets, prediction, previous,
-                                predictor)
+            built = self._compute(self._build, study.study_instance_uid, datasets, prediction,
+                                  previous, predictor)
         for finding in prediction.findings:
             self.metrics.findings.labels(finding.label.key, str(finding.present).lower()).inc()
         with phases.timed("store"):
