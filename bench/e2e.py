@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", action="store_true",
                         help="the worker in threads of the receiver's process "
                              "(inference.separate_process = false), not in a child process")
+    parser.add_argument("--scheduling", choices=("idle", "normal"), default="idle",
+                        help="inference.scheduling: the child's model thread under SCHED_IDLE "
+                             "(the default) or at niceness only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     info = machine()
@@ -192,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_s)
         package, which = model_package(tmp)
         print(f"model: {which}; the worker in "
-              f"{'threads of the receiving process' if args.threads else 'a child process'}",
-              flush=True)
+              f"{'threads of the receiving process' if args.threads else 'a child process'}"
+              f", scheduling = {args.scheduling}", flush=True)
         pacs = TimedPACS(tmp / "pacs", ae_title=PACS_AE)
         pacs_port = pacs.start()
         # The stand-in PACS runs in this process: without this, a full collection over what
@@ -209,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     destinations=[{"name": "pacs", "ae_title": PACS_AE, "host": "127.0.0.1",
                                    "port": pacs_port}],
                     inference={"workers": 1, "device": "cpu", "models_dir": "models",
-                               "separate_process": not args.threads},
+                               "separate_process": not args.threads,
+                               "scheduling": args.scheduling},
                     assembly={"stable_after_s": args.stable_after,
                               "check_interval_s": args.check_interval}) as node:
                 # The worker loads the rule's model and builds a throwaway result when it
