@@ -330,7 +330,8 @@ class Service:
             for i in range(self.config.inference.workers):
                 a = Analyzer(self.config, self.db, self.store, self.metrics,
                              name=f"{self.name}/worker-{i}", tune_thread=True,
-                             idle_cpu=not self.role.runs(Role.RECEIVER))
+                             idle_cpu=not self.role.runs(Role.RECEIVER),
+                             stopping=self.stopping)
                 self.analyzers.append(a)
                 loops.append((f"worker-{i}", a.run_once, 0.5, analyze_ready, then_deliver))
         if self.role.runs(Role.SENDER) and self.config.destinations:

@@ -86,6 +86,10 @@ class Phases(dict[str, float]):
         return ", ".join(f"{name} {secs:.2f}s" for name, secs in self.items())
 
 
+class StopRequested(Exception):
+    """The service is stopping: work that need not finish (the warm-up) is left."""
+
+
 class IdleThread:
     """One thread under SCHED_IDLE (Linux) that runs the calls handed to it, one at a time: it
     gets CPU time that nothing else wants, and a thread that wakes (a receiver's, a sender's)
@@ -101,11 +105,20 @@ class IdleThread:
         self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
         self._thread.start()  # from the worker's thread: its niceness is inherited
 
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
+    def run(self, fn: Callable[..., T], *args: Any,
+            stopping: threading.Event | None = None) -> T:
+        """``fn(*args)`` in the idle thread; with ``stopping``, give up waiting for it (raise
+        ``StopRequested``, the call goes on unobserved) once that is set."""
         if self._closed:  # a job that outlived the stop's grace: finish it here
             return fn(*args)
         done: Future[T] = Future()
         self._calls.put((fn, args, done))
+        while stopping is not None:
+            try:
+                return done.result(timeout=0.1)
+            except TimeoutError:
+                if stopping.is_set():
+                    raise StopRequested() from None
         return done.result()
 
     def close(self) -> None:
@@ -152,6 +165,8 @@ class Analyzer:
     idle_cpu: bool = False
     _prepared: bool = False
     _compute_thread: IdleThread | None = None
+    #: The service's: set when it stops, so that the warm-up does not hold the stop up.
+    stopping: threading.Event = field(default_factory=threading.Event)
     _warmed: bool = False
 
     def _prepare_thread(self) -> None:
@@ -177,15 +192,17 @@ class Analyzer:
             self._compute_thread.close()
             self._compute_thread = None
 
-    def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+    def _compute(self, fn: Callable[..., T], *args: Any, until_stop: bool = False) -> T:
         """Run ``fn`` (loading a model, decoding the images, the model, building the results)
         in the idle thread when there is one, so that the CPU threads the model's library
         starts from it are idle too; the database's transactions and the lease heartbeat stay
         in threads of normal class (niceness only), so the worker never holds the database's
-        write lock while waiting for CPU time it may not get."""
+        write lock while waiting for CPU time it may not get. With ``until_stop``, stopping
+        the service raises ``StopRequested`` here instead of waiting for ``fn``."""
         if self._compute_thread is None:
             return fn(*args)
-        return self._compute_thread.run(fn, *args)
+        return self._compute_thread.run(fn, *args,
+                                        stopping=self.stopping if until_stop else None)
 
     def predictor(self, ref: models.ModelRef) -> Any:
         """The loaded model for ``ref`` (loaded once, kept for later jobs)."""
@@ -214,12 +231,17 @@ class Analyzer:
             started = time.perf_counter()
             try:
                 ref = models.resolve(self.config, name)
-                predictor = self._compute(self.predictor, ref)
+                predictor = self._compute(self.predictor, ref, until_stop=True)
                 loaded = time.perf_counter() - started
                 phantoms = phantom_study(seed=0, size=256, nodule=True)
-                prediction = self._compute(predictor.predict, phantoms)
+                prediction = self._compute(predictor.predict, phantoms, until_stop=True)
                 self._compute(self._build, str(phantoms[0].StudyInstanceUID), phantoms,
-                              prediction, None, predictor)
+                              prediction, None, predictor, until_stop=True)
+            except StopRequested:
+                # A stop that came during the warm-up (on a busy machine the idle thread may
+                # take long) need not wait for it: nothing of it is kept.
+                log.info("stopping: the warm-up is left unfinished")
+                return
             except Exception as exc:  # noqa: BLE001 - reported; the jobs will say it again
                 log.warning("could not warm up model %r: %s", name, exc)
                 continue
@@ -239,6 +261,8 @@ class Analyzer:
             self._prepare_thread()
         if self.config.inference.warm_up and not self._warmed:
             self.warm_up()
+            if self.stopping.is_set():
+                return False
         with self.db.write() as s:
             job = jobs.claim(s, JobKind.ANALYZE, self.name)
         if job is None:

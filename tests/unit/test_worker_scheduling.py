@@ -5,6 +5,7 @@ worker's thread at its niceness (Linux)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -128,3 +129,37 @@ def test_the_idle_thread_hands_back_results_and_errors_and_ends_when_closed() ->
     idle._thread.join(timeout=10)
     assert not idle._thread.is_alive()
     assert idle.run(lambda: "inline") == "inline"  # after close: in the caller's thread
+
+
+def test_a_stop_during_the_warm_up_does_not_wait_for_it(
+        untrained_model: Path, db: Database, store: FileStore,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """On a busy machine the idle thread may take long over the warm-up; the service's stop
+    must not wait for it (it used to, up to the stop's grace, and then the parent killed the
+    child). A job in progress is still finished (see the worker-process acceptance tests)."""
+    building, release = threading.Event(), threading.Event()
+
+    def blocked_build(*args: Any) -> None:
+        building.set()
+        release.wait(60)
+
+    monkeypatch.setattr(Analyzer, "_build", blocked_build)
+    cfg = Config.model_validate({
+        "inference": {"models_dir": str(untrained_model.parent), "device": "cpu",
+                      "cpu_threads": 1},
+        "rules": [{"name": "r", "model": str(untrained_model), "match": {"modality": ["CR"]}}]})
+    caplog.set_level(logging.INFO, logger="node.worker")
+    analyzer = Analyzer(cfg, db, store, Metrics(), tune_thread=True, idle_cpu=True)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.setdefault("busy", analyzer.run_once()))
+    try:
+        t.start()
+        assert building.wait(120)  # the warm-up's last step, in the idle thread
+        analyzer.stopping.set()
+        t.join(timeout=5)  # the build it was waiting for is still blocked
+        assert not t.is_alive()
+        assert out["busy"] is False  # and it claimed nothing
+        assert "the warm-up is left unfinished" in caplog.text
+    finally:
+        release.set()
+        analyzer.close()
