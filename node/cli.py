@@ -164,7 +164,7 @@ def serve(
 
     Example: aidnode serve --role worker -c /etc/aidnode/config.toml
     """
-    from node.service import Role, Service, open_storage
+    from node.service import Role, Service, leave, open_storage
 
     try:
         chosen = Role(role)
@@ -176,7 +176,7 @@ def serve(
     db, store = open_storage(cfg)
     if db.is_sqlite and db.current_revision() is None:
         db.upgrade()  # a brand-new SQLite node creates its schema; later changes need the CLI
-    raise typer.Exit(Service(cfg, db, store, role=chosen).run_forever())
+    leave(Service(cfg, db, store, role=chosen).run_forever())
 
 
 db_app = typer.Typer(no_args_is_help=True,

@@ -281,20 +281,7 @@ def main(argv: list[str]) -> int:
     return service.run_forever()
 
 
-def _leave(code: int) -> None:
-    """Exit at once, after the service's own clean stop (its rows, files and connections are
-    closed): the interpreter's teardown, with the model's native libraries loaded moments
-    before, sometimes aborted in C++ ("terminate called without an active exception", SIGABRT:
-    3 of 12 runs of a stop that came during the warm-up), which the parent would report as a
-    crash."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _leave(main(sys.argv[1:]))
+    from node.service import leave
+
+    leave(main(sys.argv[1:]))
