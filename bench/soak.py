@@ -43,7 +43,8 @@ import sqlite3
 import sys
 import tempfile
 import time
-from contextlib import closing, nullcontext
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +97,15 @@ def _job_states(node: Any) -> list[str]:
 
 #: layout -> (what it is, ``--role`` of the first process, [inference] settings)
 LAYOUTS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "child": ("aidnode serve: the worker in a child process, its model under SCHED_IDLE (the "
-              "default)", "all", {}),
+    "child": (("aidnode serve: the worker in a child process, its model under SCHED_IDLE "
+               "(the default)"), "all", {}),
     "threads": ("aidnode serve, separate_process = false: the worker in threads", "all",
                 {"separate_process": False}),
     "split": ("a --role receiver and a --role worker process", "receiver", {}),
     "child-nice19": ("aidnode serve, the worker in a child process at niceness 19", "all",
                      {"nice": 19, "scheduling": "normal"}),
-    "child-normal": ("aidnode serve, the worker in a child process at niceness 10 only "
-                     "(scheduling = normal)", "all", {"scheduling": "normal"}),
+    "child-normal": (("aidnode serve, the worker in a child process at niceness 10 only "
+                      "(scheduling = normal)"), "all", {"scheduling": "normal"}),
 }
 
 
@@ -120,28 +121,41 @@ def while_analysing(tmp: Path, model: Path, rounds: int,
     return out
 
 
-def _one_round(tmp: Path, model: Path, rnd: int, layout: str) -> dict[str, Any]:
+@contextmanager
+def _warm_node(folder: Path, model: Path, layout: str) -> Iterator[tuple[Any, int]]:
+    """A node of ``layout`` whose rule analyses the ``ANALYSE`` series, once its worker has
+    warmed up (loaded the model, built a throwaway result: not during a measured send); yields
+    it and the pid of the process its worker runs in."""
     rule = [{"name": "ct", "model": str(model),
              "match": {"modality": ["CT"], "series_description": ANALYSE}}]
     _what, role, settings = LAYOUTS[layout]
-    split = layout == "split"
+    with aidnode_serve(folder, rules=rule, role=role,
+                       inference={"workers": 1, "models_dir": "models", **settings},
+                       assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
+            (another_process(node, "worker") if layout == "split" else nullcontext()) as other:
+        if not wait_until(lambda: any("warmed up" in f.read_text(errors="replace")
+                                      for f in node.folder.glob("*.log")), 120, 0.1):
+            raise SystemExit(f"{layout}: the worker did not warm up")
+        workers = [other.pid] if other is not None else [
+            pid for pid in children(node.proc.pid)
+            if b"node.workerproc" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        yield node, (workers[0] if workers else node.proc.pid)  # threads: the node itself
+
+
+def _start_analysis(node: Any, heavy: list[Path]) -> None:
+    _send(node, heavy)
+    if not wait_until(lambda: "RUNNING" in _job_states(node), 120, 0.05):
+        raise SystemExit("the analysis job never started")
+
+
+def _one_round(tmp: Path, model: Path, rnd: int, layout: str) -> dict[str, Any]:
     idle_files = _series(tmp / "idle", 300, 512, "STORE ONLY", seed=10 + rnd)
     busy_files = _series(tmp / "busy", 300, 512, "STORE ONLY", seed=20 + rnd)
     after_files = _series(tmp / "after", 300, 512, "STORE ONLY", seed=40 + rnd)
     heavy = _series(tmp / "heavy", 600, 256, ANALYSE, seed=30 + rnd)
-    with aidnode_serve(tmp / "node", rules=rule, role=role,
-                       inference={"workers": 1, "models_dir": "models", **settings},
-                       assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
-            (another_process(node, "worker") if split else nullcontext()):
-        # The worker loads the model and builds a throwaway result when it starts: not during
-        # the idle send.
-        if not wait_until(lambda: any("warmed up" in f.read_text(errors="replace")
-                                      for f in node.folder.glob("*.log")), 120, 0.1):
-            raise SystemExit(f"{layout}: the worker did not warm up")
+    with _warm_node(tmp / "node", model, layout) as (node, _worker):
         idle_s = _send(node, idle_files)
-        _send(node, heavy)
-        if not wait_until(lambda: "RUNNING" in _job_states(node), 120, 0.05):
-            raise SystemExit("the analysis job never started")
+        _start_analysis(node, heavy)
         busy_s = _send(node, busy_files)
         still_running = "RUNNING" in _job_states(node)
         wait_until(lambda: "RUNNING" not in _job_states(node)
@@ -190,28 +204,14 @@ def paired_bursts(tmp: Path, model: Path, layout: str, pairs: int,
     """
     if layout == "threads":
         raise SystemExit("--paired: the threads layout's worker cannot be paused on its own")
-    rule = [{"name": "ct", "model": str(model),
-             "match": {"modality": ["CT"], "series_description": ANALYSE}}]
-    _what, role, settings = LAYOUTS[layout]
     files = [_series(tmp / f"burst-{i}", burst, 512, "STORE ONLY", seed=200 + i)
              for i in range(2 * pairs)]
     # About 20 ms per slice on one core here: it outlasts the analysing bursts (pairs x burst
     # instances at 100-150 images/s), which the report checks.
     heavy = _series(tmp / "heavy", max(600, pairs * burst), 256, ANALYSE, seed=300)
     rates: list[tuple[float, float]] = []  # (analysing, idle) images/s per pair
-    with aidnode_serve(tmp / "node", rules=rule, role=role,
-                       inference={"workers": 1, "models_dir": "models", **settings},
-                       assembly={"stable_after_s": 0.5, "check_interval_s": 0.1}) as node, \
-            (another_process(node, "worker") if layout == "split" else nullcontext()) as other:
-        if not wait_until(lambda: any("warmed up" in f.read_text(errors="replace")
-                                      for f in node.folder.glob("*.log")), 120, 0.1):
-            raise SystemExit(f"{layout}: the worker did not warm up")
-        worker_pid = other.pid if other is not None else next(
-            pid for pid in children(node.proc.pid)
-            if b"node.workerproc" in Path(f"/proc/{pid}/cmdline").read_bytes())
-        _send(node, heavy)
-        if not wait_until(lambda: "RUNNING" in _job_states(node), 120, 0.05):
-            raise SystemExit("the analysis job never started")
+    with _warm_node(tmp / "node", model, layout) as (node, worker_pid):
+        _start_analysis(node, heavy)
         try:
             for i in range(pairs):
                 busy_first = i % 2 == 0
