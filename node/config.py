@@ -194,8 +194,9 @@ class InferenceConfig(_Section):
     # "idle": where the worker has a process of its own (serve's child, --role worker), it
     # decodes, runs the model and builds the results in a thread under SCHED_IDLE (Linux): CPU
     # time nothing else wants, taken back at once by a receiver thread that wakes. Its
-    # database work stays at `nice`. "normal": niceness only, as in threads of a receiver.
-    scheduling: Literal["idle", "normal"] = "idle"
+    # database work stays at `nice`. Analyses then wait while other processes keep the CPUs
+    # busy (none ran for 2 minutes beside a training run). "normal": niceness only.
+    scheduling: Literal["idle", "normal"] = "normal"
     # Load the rules' models and build one throwaway result when a worker starts, so the
     # first study does not wait for them.
     warm_up: bool = True

@@ -146,7 +146,7 @@ def test_a_stop_during_the_warm_up_does_not_wait_for_it(
     monkeypatch.setattr(Analyzer, "_build", blocked_build)
     cfg = Config.model_validate({
         "inference": {"models_dir": str(untrained_model.parent), "device": "cpu",
-                      "cpu_threads": 1},
+                      "cpu_threads": 1, "scheduling": "idle"},
         "rules": [{"name": "r", "model": str(untrained_model), "match": {"modality": ["CR"]}}]})
     caplog.set_level(logging.INFO, logger="node.worker")
     analyzer = Analyzer(cfg, db, store, Metrics(), tune_thread=True, idle_cpu=True)
