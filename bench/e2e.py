@@ -184,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", action="store_true",
                         help="the worker in threads of the receiver's process "
                              "(inference.separate_process = false), not in a child process")
-    parser.add_argument("--scheduling", choices=("idle", "normal"), default="normal",
-                        help="inference.scheduling: the child's model at niceness only (the "
-                             "default) or in a thread under SCHED_IDLE")
+    parser.add_argument("--scheduling", choices=("adaptive", "idle", "normal"),
+                        default="adaptive",
+                        help="inference.scheduling: the child's model under SCHED_IDLE while "
+                             "the host receives (the default), always, or at niceness only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     info = machine()

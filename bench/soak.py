@@ -19,7 +19,9 @@ CT series whose description is ``ANALYSE``; other CT series are only stored.
    ``inference.separate_process = false`` (the worker in threads of the receiver's process),
    and with ``--layouts`` others: ``split`` (a ``--role receiver`` plus a ``--role worker``
    process), ``child-nice19`` (the child's worker at niceness 19), ``child-idle`` (the
-   child's model under SCHED_IDLE: ``inference.scheduling = "idle"``).
+   child's model under SCHED_IDLE always: ``inference.scheduling = "idle"``),
+   ``child-normal`` (the child's model at niceness 10 only: ``"normal"``; the default,
+   ``"adaptive"``, puts it under SCHED_IDLE while the host receives).
 
    With ``--paired N`` the comparison is made in short bursts instead, so that the drift
    cancels: one node per layout, its worker analysing one long series throughout, and N pairs
@@ -97,7 +99,10 @@ def _job_states(node: Any) -> list[str]:
 
 #: layout -> (what it is, ``--role`` of the first process, [inference] settings)
 LAYOUTS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "child": ("aidnode serve: the worker in a child process (the default)", "all", {}),
+    "child": (("aidnode serve: the worker in a child process (the default; its model under "
+               "SCHED_IDLE while the host receives: scheduling = adaptive)"), "all", {}),
+    "child-normal": (("aidnode serve, the worker in a child process, its model at niceness 10 "
+                      "only (scheduling = normal)"), "all", {"scheduling": "normal"}),
     "child-idle": (("aidnode serve, the worker in a child process, its model under "
                     "SCHED_IDLE (scheduling = idle)"), "all", {"scheduling": "idle"}),
     "threads": ("aidnode serve, separate_process = false: the worker in threads", "all",

@@ -191,12 +191,16 @@ class InferenceConfig(_Section):
     cpu_threads: int = Field(0, ge=0, le=256)
     # Niceness of the worker threads (Linux): receiving, which answers scanners, goes first.
     nice: int = Field(10, ge=0, le=19)
-    # "idle": where the worker has a process of its own (serve's child, --role worker), it
-    # decodes, runs the model and builds the results in a thread under SCHED_IDLE (Linux): CPU
-    # time nothing else wants, taken back at once by a receiver thread that wakes. Its
-    # database work stays at `nice`. Analyses then wait while other processes keep the CPUs
-    # busy (none ran for 2 minutes beside a training run). "normal": niceness only.
-    scheduling: Literal["idle", "normal"] = "normal"
+    # Where the worker has a process of its own (serve's child, --role worker), the thread
+    # that decodes, runs the model and builds the results (Linux; node/priority.py):
+    # "adaptive": under SCHED_IDLE while this host receives (a C-STORE in the last 2 s): CPU
+    # time nothing else wants, taken back at once by a receiver thread that wakes; at `nice`
+    # otherwise. Needs RLIMIT_NICE >= 20 - nice (systemd LimitNICE=+10) or CAP_SYS_NICE to
+    # move back; without it the model stays at `nice` ("normal"), with a warning.
+    # "idle": under SCHED_IDLE always (analyses wait while other processes keep the CPUs
+    # busy: none ran for 2 minutes beside a training run). "normal": niceness only.
+    # Database work stays at `nice` in every case.
+    scheduling: Literal["adaptive", "idle", "normal"] = "adaptive"
     # Load the rules' models and build one throwaway result when a worker starts, so the
     # first study does not wait for them.
     warm_up: bool = True

@@ -23,7 +23,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.exc import IntegrityError
 
-from node import pacing
+from node import pacing, priority
 from node.config import Config, PeerConfig
 from node.errors import DatasetTooLargeError, InvalidDatasetError
 from node.guards import check_complete, check_dataset, check_inflated_size
@@ -91,6 +91,16 @@ class Receiver:
     metrics: Metrics
     _stats: dict[int, _AssocStats] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Marked at each C-STORE for this host's worker processes (``scheduling = "adaptive"``).
+    beacon: priority.ReceivingBeacon | None = None
+
+    def __post_init__(self) -> None:
+        if self.beacon is None and self.config.inference.scheduling == "adaptive":
+            try:
+                self.beacon = priority.ReceivingBeacon(priority.beacon_path(self.store.root))
+            except OSError as exc:
+                log.warning("no receiving beacon (%s): a worker process on this host keeps "
+                            "its model at its niceness while this receiver receives", exc)
 
     # -- association events --------------------------------------------------------------
 
@@ -194,6 +204,8 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
 
 def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
     """Store one instance durably, then answer (DESIGN §2 step 2, §5)."""
+    if rx.beacon is not None:
+        rx.beacon.mark()
     with pacing.storing(event.assoc):
         return _store(event, rx)
 

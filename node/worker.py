@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from inference.errors import InferenceError
 from inference.prediction import Finding, Prediction
-from node import models
+from node import models, priority
 from node.assembly import input_hash
 from node.config import Config
 from node.metrics import Metrics
@@ -90,20 +90,27 @@ class StopRequested(Exception):
     """The service is stopping: work that need not finish (the warm-up) is left."""
 
 
-class IdleThread:
-    """One thread under SCHED_IDLE (Linux) that runs the calls handed to it, one at a time: it
-    gets CPU time that nothing else wants, and a thread that wakes (a receiver's, a sender's)
-    takes the core from it at once. The CPU threads a library starts from it inherit that.
+class ModelThread:
+    """The thread the model runs in, one call at a time. With ``idle`` it runs under
+    SCHED_IDLE (Linux) from the start: it gets CPU time that nothing else wants, and a thread
+    that wakes (a receiver's, a sender's) takes the core from it at once. The CPU threads a
+    library starts from it inherit its class; ``node.priority.ModelPriority`` may move them
+    all later (``scheduling = "adaptive"``).
 
     A daemon thread, as the worker's loop is: a process told to stop does not wait past its
     grace for a job in progress (the job's lease runs out and it is analysed again)."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle: bool = True) -> None:
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
                                              Future[Any]] | None] = queue.SimpleQueue()
         self._closed = False
+        self._idle = idle
         self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
         self._thread.start()  # from the worker's thread: its niceness is inherited
+
+    @property
+    def native_id(self) -> int:
+        return int(self._thread.native_id or 0)
 
     def run(self, fn: Callable[..., T], *args: Any,
             stopping: threading.Event | None = None) -> T:
@@ -127,10 +134,13 @@ class IdleThread:
         self._calls.put(None)
 
     def _serve(self) -> None:
-        try:
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError) as exc:  # not Linux: niceness only
-            log.warning("could not run the model under SCHED_IDLE (niceness only): %s", exc)
+        if self._idle:
+            try:
+                os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE,
+                                      os.sched_param(0))
+            except (AttributeError, OSError) as exc:  # not Linux: niceness only
+                log.warning("could not run the model under SCHED_IDLE (niceness only): %s",
+                            exc)
         while (call := self._calls.get()) is not None:
             fn, args, done = call
             try:
@@ -160,11 +170,13 @@ class Analyzer:
     _predictors: dict[str, Any] = field(default_factory=dict)
     tune_thread: bool = False  # the service sets it: lower priority, capped CPU threads
     #: The service sets it where no receiver shares the process (``serve``'s worker child, a
-    #: ``--role worker``): with ``inference.scheduling = "idle"`` the computation then runs in
-    #: a thread of its own under SCHED_IDLE (``_compute``).
+    #: ``--role worker``): with ``inference.scheduling = "idle"`` or ``"adaptive"`` the
+    #: computation then runs in a thread of its own (``_compute``), under SCHED_IDLE always
+    #: or while this host receives (``node.priority``).
     idle_cpu: bool = False
     _prepared: bool = False
-    _compute_thread: IdleThread | None = None
+    _compute_thread: ModelThread | None = None
+    _priority: priority.ModelPriority | None = None
     #: The service's: set when it stops, so that the warm-up does not hold the stop up.
     stopping: threading.Event = field(default_factory=threading.Event)
     _warmed: bool = False
@@ -184,17 +196,48 @@ class Analyzer:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if self.idle_cpu and cfg.scheduling == "idle":
-            self._compute_thread = IdleThread()
+            self._compute_thread = ModelThread(idle=True)
+            self.metrics.model_idle.set(1)
+        elif self.idle_cpu and cfg.scheduling == "adaptive":
+            self._start_adaptive()
+
+    def _start_adaptive(self) -> None:
+        """The model's thread, and a watcher that moves it (and the CPU threads started from
+        it) under SCHED_IDLE while this host receives; at the niceness only where the
+        process may not move a thread back out of SCHED_IDLE, or has no beacon to watch."""
+        nice = self.config.inference.nice
+        if not priority.can_leave_idle(nice):
+            log.warning('scheduling = "adaptive": this process may not move a thread back '
+                        "out of SCHED_IDLE (that needs CAP_SYS_NICE or RLIMIT_NICE >= %d, "
+                        "systemd: LimitNICE=+%d), so the model runs at niceness %d only, as "
+                        'with "normal"', 20 - nice, nice, nice)
+            return
+        try:
+            beacon = priority.ReceivingBeacon(priority.beacon_path(self.store.root))
+        except OSError as exc:
+            log.warning('scheduling = "adaptive": no receiving beacon to watch (%s), so the '
+                        "model runs at niceness %d only", exc, nice)
+            return
+        self._compute_thread = ModelThread(idle=False)
+        self._priority = priority.ModelPriority(
+            beacon, self._compute_thread.native_id,
+            on_change=lambda idle: self.metrics.model_idle.set(int(idle)))
+        self._priority.start()
 
     def close(self) -> None:
-        """Let the model thread, if any, end after the call in progress."""
+        """Stop moving the model between classes; let its thread, if any, end after the call
+        in progress."""
+        if self._priority is not None:
+            self._priority.close()
+            self._priority.beacon.close()
+            self._priority = None
         if self._compute_thread is not None:
             self._compute_thread.close()
             self._compute_thread = None
 
     def _compute(self, fn: Callable[..., T], *args: Any, until_stop: bool = False) -> T:
         """Run ``fn`` (loading a model, decoding the images, the model, building the results)
-        in the idle thread when there is one, so that the CPU threads the model's library
+        in the model's thread when there is one, so that the CPU threads the model's library
         starts from it are idle too; the database's transactions and the lease heartbeat stay
         in threads of normal class (niceness only), so the worker never holds the database's
         write lock while waiting for CPU time it may not get. With ``until_stop``, stopping

@@ -27,6 +27,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy import select
 
+from node.priority import ReceivingBeacon, beacon_path
 from node.status import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_TOO_MANY, Status
 from storage.models import Instance
 from tests.conftest import NODE_AE, RunningNode
@@ -164,6 +165,21 @@ def test_pynetdicom_series_is_on_disk_and_in_the_database(node_service: NodeFact
     assert set(node.instance_paths()) == {ds.SOPInstanceUID for ds in series}
     assert len(node.files()) == 20
     assert_consistent(node)
+
+
+def test_receiving_marks_this_hosts_beacon_for_the_worker_process(
+        node_service: NodeFactory) -> None:
+    """``scheduling = "adaptive"`` (the default): each C-STORE tells this host's worker
+    processes, through a file under the storage root, that the host is receiving."""
+    node = node_service()
+    assert node.config.inference.scheduling == "adaptive"
+    beacon = ReceivingBeacon(beacon_path(node.store.root))
+    assert beacon.age() == float("inf")  # nothing received yet
+
+    assert send(node, *ct_series(2, rows=32, cols=32)) == [Status.SUCCESS] * 2
+
+    assert 0 <= beacon.age() < 60
+    beacon.close()
 
 
 # -- C-STORE failure statuses (DESIGN §5) ---------------------------------------------------

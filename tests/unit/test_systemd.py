@@ -64,6 +64,17 @@ def test_unit_runs_as_dedicated_user_with_only_its_state_directory_writable() ->
     assert "ReadWritePaths" not in service
 
 
+def test_unit_lets_the_model_leave_sched_idle_at_the_default_niceness() -> None:
+    """``scheduling = "adaptive"`` needs RLIMIT_NICE >= 20 - nice to move the model back out
+    of SCHED_IDLE (node/priority.py); the unit's limit must cover the default niceness."""
+    from node.config import InferenceConfig
+
+    nice = InferenceConfig().nice
+    limit = _one(_service(), "LimitNICE")
+    assert limit.startswith("+"), "a nice value, not a raw RLIMIT_NICE"
+    assert int(limit[1:]) <= nice
+
+
 def test_unit_allows_exactly_the_nvidia_device_nodes() -> None:
     service = _service()
     assert _one(service, "DevicePolicy") == "closed"

@@ -1,7 +1,8 @@
 """Where the worker computes: with ``inference.scheduling = "idle"`` and a process of its own
 (``idle_cpu``), decoding, the model and building the results run in a thread under SCHED_IDLE,
-while the database work stays in the worker's own thread; otherwise everything runs in the
-worker's thread at its niceness (Linux)."""
+with ``"adaptive"`` in a thread that is under SCHED_IDLE only while the host receives, while
+the database work stays in the worker's own thread; otherwise everything runs in the worker's
+thread at its niceness (Linux)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
+from node import priority
 from node import worker as worker_module
 from node.config import Config
 from node.metrics import Metrics
-from node.worker import Analyzer, IdleThread
+from node.worker import Analyzer, ModelThread
 from storage import catalog, jobs
 from storage.db import Database
 from storage.files import FileStore
@@ -104,7 +107,8 @@ def test_the_model_runs_in_an_idle_thread_and_the_database_work_does_not(
     assert seen["load"] == seen["read"] == seen["build"] == (model_thread, os.SCHED_IDLE)
 
 
-@pytest.mark.parametrize(("scheduling", "idle_cpu"), [("normal", True), ("idle", False)])
+@pytest.mark.parametrize(("scheduling", "idle_cpu"),
+                         [("normal", True), ("idle", False), ("adaptive", False)])
 def test_without_idle_scheduling_everything_runs_in_the_worker_thread(
         scheduling: str, idle_cpu: bool, untrained_model: Path, db: Database,
         store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,7 +125,7 @@ def test_without_idle_scheduling_everything_runs_in_the_worker_thread(
 
 
 def test_the_idle_thread_hands_back_results_and_errors_and_ends_when_closed() -> None:
-    idle = IdleThread()
+    idle = ModelThread(idle=True)
     assert idle.run(lambda a, b: (a + b, os.sched_getscheduler(0)), 2, 3) == (5, os.SCHED_IDLE)
     with pytest.raises(ZeroDivisionError):
         idle.run(lambda: 1 / 0)
@@ -163,3 +167,83 @@ def test_a_stop_during_the_warm_up_does_not_wait_for_it(
     finally:
         release.set()
         analyzer.close()
+
+
+def test_adaptive_the_model_yields_while_the_host_receives(
+        untrained_model: Path, db: Database, store: FileStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scheduling = "adaptive"``: the model's own thread, under SCHED_IDLE while this host's
+    receiving beacon is fresh (kept fresh here by a thread marking it, as a receiver does at
+    each C-STORE), at the worker's niceness when it is not."""
+    if not priority.can_leave_idle(10):
+        pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE < 10)")
+    queue_cr_job(db, store, untrained_model, tmp_path / "in")
+    metrics = Metrics()
+    analyzer = Analyzer(config(untrained_model, "adaptive"), db, store, metrics,
+                        tune_thread=True, idle_cpu=True)
+    beacon = priority.ReceivingBeacon(priority.beacon_path(store.root))
+    receiving = threading.Event()
+
+    def receiver() -> None:
+        while receiving.is_set():
+            beacon.mark()
+            time.sleep(0.02)
+
+    marking = threading.Thread(target=receiver)
+    receiving.set()
+    marking.start()
+    # Slow the model load down so the watcher (every 20 ms) has moved the thread before the
+    # steps after it start.
+    original_predictor = Analyzer.predictor
+    monkeypatch.setattr(Analyzer, "predictor",
+                        lambda self, ref: time.sleep(0.5) or original_predictor(self, ref))
+    try:
+        out = run_one_job(analyzer, monkeypatch)
+        gauge_while_receiving = metrics.model_idle._value.get()
+    finally:
+        receiving.clear()
+        marking.join()
+    assert out["busy"] is True
+    seen = out["seen"]
+    assert seen["claim"] == (out["worker_thread"], os.SCHED_OTHER)
+    model_thread = seen["read"][0]
+    assert model_thread != out["worker_thread"]
+    assert seen["read"] == seen["build"] == (model_thread, os.SCHED_IDLE)
+    assert gauge_while_receiving == 1
+    beacon.close()
+
+
+def test_adaptive_the_model_runs_at_the_niceness_while_the_host_does_not_receive(
+        untrained_model: Path, db: Database, store: FileStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    if not priority.can_leave_idle(10):
+        pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE < 10)")
+    queue_cr_job(db, store, untrained_model, tmp_path / "in")
+    metrics = Metrics()
+    analyzer = Analyzer(config(untrained_model, "adaptive"), db, store, metrics,
+                        tune_thread=True, idle_cpu=True)
+    out = run_one_job(analyzer, monkeypatch)
+    assert out["busy"] is True
+    seen = out["seen"]
+    model_thread = seen["read"][0]
+    assert model_thread != out["worker_thread"]
+    assert seen["load"] == seen["read"] == seen["build"] == (model_thread, os.SCHED_OTHER)
+    assert metrics.model_idle._value.get() == 0
+
+
+def test_adaptive_where_the_model_may_not_leave_idle_runs_as_normal(
+        untrained_model: Path, db: Database, store: FileStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Where the process may not move a thread back out of SCHED_IDLE (an unprivileged user
+    without LimitNICE), "adaptive" must not leave the model stuck there: it runs as "normal",
+    and says why."""
+    monkeypatch.setattr(priority, "can_leave_idle", lambda nice: False)
+    queue_cr_job(db, store, untrained_model, tmp_path / "in")
+    analyzer = Analyzer(config(untrained_model, "adaptive"), db, store, Metrics(),
+                        tune_thread=True, idle_cpu=True)
+    caplog.set_level(logging.WARNING, logger="node.worker")
+    out = run_one_job(analyzer, monkeypatch)
+    here = (out["worker_thread"], os.SCHED_OTHER)
+    seen = out["seen"]
+    assert seen["claim"] == seen["load"] == seen["read"] == seen["build"] == here
+    assert "LimitNICE=+10" in caplog.text
