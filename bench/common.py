@@ -105,6 +105,19 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def idle_threads(pid: int) -> int:
+    """How many of ``pid``'s threads are under SCHED_IDLE now (Linux: /proc's policy field)."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        count += fields[38] == "5"  # field 41, policy; 5 = SCHED_IDLE
+    return count
+
+
 @dataclass
 class RSSSampler:
     """Samples a process's (or process tree's) VmRSS every ``interval_s`` in a thread;

@@ -61,6 +61,7 @@ from common import (
     another_process,
     children,
     fmt,
+    idle_threads,
     machine,
     median,
     print_machine,
@@ -179,11 +180,26 @@ def _one_round(tmp: Path, model: Path, rnd: int, layout: str) -> dict[str, Any]:
     return r
 
 
+def _all_stopped(pid: int) -> bool:
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        states.append(stat[stat.rindex(")") + 2])
+    return all(state in "tT" for state in states)
+
+
 def _freeze(pid: int, db_path: Path) -> None:
     """SIGSTOP ``pid`` at a moment it holds no SQLite write lock: frozen holding one (its
     heartbeat's transaction), it would make the receiver's commits wait and then refuse."""
     for _ in range(200):
         os.kill(pid, signal.SIGSTOP)
+        # The signal is delivered asynchronously: check the lock only once every thread has
+        # stopped, or one could take the lock just after the check.
+        if not wait_until(lambda: _all_stopped(pid), 5, 0.001):
+            raise SystemExit(f"process {pid} did not stop on SIGSTOP")
         try:
             with closing(sqlite3.connect(db_path, timeout=0.2, isolation_level=None)) as conn:
                 conn.execute("BEGIN IMMEDIATE")  # the write lock is free: take it and let go
@@ -214,6 +230,7 @@ def paired_bursts(tmp: Path, model: Path, layout: str, pairs: int,
     # instances at 100-150 images/s), which the report checks.
     heavy = _series(tmp / "heavy", max(600, pairs * burst), 256, ANALYSE, seed=300)
     rates: list[tuple[float, float]] = []  # (analysing, idle) images/s per pair
+    idle_after: list[int] = []  # the worker's SCHED_IDLE threads as each analysing burst ended
     with _warm_node(tmp / "node", model, layout) as (node, worker_pid):
         _start_analysis(node, heavy)
         try:
@@ -225,12 +242,15 @@ def paired_bursts(tmp: Path, model: Path, layout: str, pairs: int,
                         _freeze(worker_pid, node.db_path)
                     try:
                         measured[busy] = burst / _send(node, files[2 * i + int(busy)])
+                        if busy:
+                            idle_after.append(idle_threads(worker_pid))
                     finally:
                         if not busy:
                             os.kill(worker_pid, signal.SIGCONT)
                 rates.append((measured[True], measured[False]))
                 print(f"  pair {i + 1}: analysing {measured[True]:.1f}, paused "
-                      f"{measured[False]:.1f} images/s", flush=True)
+                      f"{measured[False]:.1f} images/s ({idle_after[-1]} of the worker's "
+                      "threads under SCHED_IDLE as the analysing burst ended)", flush=True)
             still_running = "RUNNING" in _job_states(node)
         finally:
             os.kill(worker_pid, signal.SIGCONT)
@@ -241,7 +261,7 @@ def paired_bursts(tmp: Path, model: Path, layout: str, pairs: int,
             "drop_percent_median": median(drops), "drops": drops,
             "analysing_images_per_s_mean": busy_all, "idle_images_per_s_mean": idle_all,
             "drop_percent_of_means": 100 * (1 - busy_all / idle_all),
-            "analysis_overlapped": still_running}
+            "analysis_overlapped": still_running, "idle_threads_after_analysing": idle_after}
 
 
 def long_run(tmp: Path, model: Path, batches: int) -> dict[str, Any]:
