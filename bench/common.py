@@ -118,6 +118,60 @@ def idle_threads(pid: int) -> int:
     return count
 
 
+def _schedstats(pid: int) -> dict[int, tuple[int, int]]:
+    """tid -> (CPU time, time waited on a run queue) in ns, for each thread of ``pid``."""
+    out: dict[int, tuple[int, int]] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            cpu, wait, _slices = (task / "schedstat").read_text().split()
+            out[int(task.name)] = (int(cpu), int(wait))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+@dataclass
+class RunQueueWait:
+    """How long the threads of ``pid`` waited for a CPU (on a run queue, while runnable) and
+    ran, summed over the threads alive at any time within the ``with`` block (Linux
+    schedstat). Threads that start and end inside (an association's) are followed by a
+    sampling thread every ``interval_s``, so their last ``interval_s`` may be missed."""
+
+    pid: int
+    interval_s: float = 0.02
+    waited_s: float = 0.0
+    cpu_s: float = 0.0
+    _first: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _last: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        self._last.update(_schedstats(self.pid))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self._first = _schedstats(self.pid)
+        self._last = dict(self._first)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        cpu = wait = 0
+        for tid, (c, w) in self._last.items():
+            c0, w0 = self._first.get(tid, (0, 0))  # a thread started inside: from zero
+            cpu, wait = cpu + c - c0, wait + w - w0
+        self.cpu_s, self.waited_s = cpu / 1e9, wait / 1e9
+
+
 @dataclass
 class RSSSampler:
     """Samples a process's (or process tree's) VmRSS every ``interval_s`` in a thread;

@@ -57,6 +57,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 from common import (
     RSSSampler,
+    RunQueueWait,
     aidnode_serve,
     another_process,
     children,
@@ -231,26 +232,32 @@ def paired_bursts(tmp: Path, model: Path, layout: str, pairs: int,
     heavy = _series(tmp / "heavy", max(600, pairs * burst), 256, ANALYSE, seed=300)
     rates: list[tuple[float, float]] = []  # (analysing, idle) images/s per pair
     idle_after: list[int] = []  # the worker's SCHED_IDLE threads as each analysing burst ended
+    waits: list[tuple[float, float]] = []  # the receiver's run-queue wait, ms per instance
     with _warm_node(tmp / "node", model, layout) as (node, worker_pid):
         _start_analysis(node, heavy)
         try:
             for i in range(pairs):
                 busy_first = i % 2 == 0
-                measured = {}
+                measured, waited = {}, {}
                 for busy in (busy_first, not busy_first):
                     if not busy:
                         _freeze(worker_pid, node.db_path)
                     try:
-                        measured[busy] = burst / _send(node, files[2 * i + int(busy)])
+                        with RunQueueWait(node.proc.pid) as rq:
+                            measured[busy] = burst / _send(node, files[2 * i + int(busy)])
+                        waited[busy] = 1000 * rq.waited_s / burst
                         if busy:
                             idle_after.append(idle_threads(worker_pid))
                     finally:
                         if not busy:
                             os.kill(worker_pid, signal.SIGCONT)
                 rates.append((measured[True], measured[False]))
+                waits.append((waited[True], waited[False]))
                 print(f"  pair {i + 1}: analysing {measured[True]:.1f}, paused "
-                      f"{measured[False]:.1f} images/s ({idle_after[-1]} of the worker's "
-                      "threads under SCHED_IDLE as the analysing burst ended)", flush=True)
+                      f"{measured[False]:.1f} images/s; the receiver's threads waited for a "
+                      f"CPU {waited[True]:.2f} and {waited[False]:.2f} ms per instance "
+                      f"({idle_after[-1]} of the worker's threads under SCHED_IDLE as the "
+                      "analysing burst ended)", flush=True)
             still_running = "RUNNING" in _job_states(node)
         finally:
             os.kill(worker_pid, signal.SIGCONT)
@@ -261,7 +268,10 @@ def paired_bursts(tmp: Path, model: Path, layout: str, pairs: int,
             "drop_percent_median": median(drops), "drops": drops,
             "analysing_images_per_s_mean": busy_all, "idle_images_per_s_mean": idle_all,
             "drop_percent_of_means": 100 * (1 - busy_all / idle_all),
-            "analysis_overlapped": still_running, "idle_threads_after_analysing": idle_after}
+            "analysis_overlapped": still_running, "idle_threads_after_analysing": idle_after,
+            "receiver_wait_ms_per_instance": waits,
+            "receiver_wait_ms_median": (median([w for w, _ in waits]),
+                                        median([w for _, w in waits]))}
 
 
 def long_run(tmp: Path, model: Path, batches: int) -> dict[str, Any]:
@@ -346,6 +356,10 @@ def main() -> int:
         print(f"| {LAYOUTS[key][0]}: drop, median of the pairs' ({each}); of the means: "
               f"{fmt(r['drop_percent_of_means'])}% | {fmt(r['drop_percent_median'])}% | <= 10% "
               f"| {met}{'' if r['analysis_overlapped'] else ' (the analysis ENDED EARLY)'} |")
+        busy_wait, idle_wait = r["receiver_wait_ms_median"]
+        print(f"| {LAYOUTS[key][0]}: the receiver's threads waited for a CPU, analysing / "
+              f"worker paused (ms per instance, medians of the pairs) | {busy_wait:.2f} / "
+              f"{idle_wait:.2f} | | |")
     for key, rows in report.get("while_analysing", {}).items():
         layout = LAYOUTS[key][0]
         idle = median([r["idle_images_per_s"] for r in rows])

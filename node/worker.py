@@ -114,7 +114,7 @@ class ModelThread:
 
     def run(self, fn: Callable[..., T], *args: Any,
             stopping: threading.Event | None = None) -> T:
-        """``fn(*args)`` in the idle thread; with ``stopping``, give up waiting for it (raise
+        """``fn(*args)`` in the model's thread; with ``stopping``, give up waiting for it (raise
         ``StopRequested``, the call goes on unobserved) once that is set."""
         if self._closed:  # a job that outlived the stop's grace: finish it here
             return fn(*args)
