@@ -2,7 +2,8 @@
 "adaptive"``, Linux).
 
 A receiver marks a small file under the storage root, one per host, at most every
-``MARK_EVERY_S`` while C-STOREs arrive (``ReceivingBeacon``). A worker in a process of its own
+``MARK_EVERY_S`` while C-STOREs arrive and when it accepts an association
+(``ReceivingBeacon``). A worker in a process of its own
 watches that file (``ModelPriority``): while the host has received in the last ``HOLD_S``, the
 model's thread and the CPU threads its library started run under ``SCHED_IDLE``, so a
 receiving thread that wakes takes a core at once; otherwise they run at the worker's niceness,
@@ -14,7 +15,6 @@ and without it the model stays at its niceness (``"normal"``)."""
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import re
 import socket
@@ -43,38 +43,60 @@ def beacon_path(root: Path) -> Path:
 
 
 class ReceivingBeacon:
-    """A shared 8-byte record of when this host last received a C-STORE (``CLOCK_MONOTONIC``,
-    the same clock in every process of the host)."""
+    """A shared 8-byte record of when this host last received (``CLOCK_MONOTONIC``, the same
+    clock in every process of the host), read and written with ``pread``/``pwrite`` through
+    the page cache, which the processes of a host share. Not a memory map: a store on a full
+    disk would turn a write into the map into SIGBUS, where ``pwrite`` fails with an error
+    that is ignored here (receiving goes on; the workers do not yield)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            if os.fstat(fd).st_size < _STAMP.size:
-                os.ftruncate(fd, _STAMP.size)
-            self._map = mmap.mmap(fd, _STAMP.size)
-        finally:
-            os.close(fd)
+            if os.fstat(self._fd).st_size < _STAMP.size:  # its page now, not at the first mark
+                os.pwrite(self._fd, _STAMP.pack(0.0), 0)
+        except OSError:
+            os.close(self._fd)
+            raise
         self._marked = 0.0
+        self._failed = False
 
     def mark(self, now: float | None = None) -> None:
-        """This host is receiving (written at most every ``MARK_EVERY_S``)."""
+        """This host is receiving (written at most every ``MARK_EVERY_S``); never raises."""
         now = time.monotonic() if now is None else now
-        if now - self._marked >= MARK_EVERY_S:
-            self._marked = now
-            _STAMP.pack_into(self._map, 0, now)
+        if now - self._marked < MARK_EVERY_S:
+            return
+        self._marked = now
+        try:
+            os.pwrite(self._fd, _STAMP.pack(now), 0)
+        except OSError as exc:  # a full disk, a closed beacon: receiving goes on regardless
+            if not self._failed:
+                self._failed = True
+                log.warning("could not mark the receiving beacon %s: %s (the model of a "
+                            "worker process on this host does not yield while this fails)",
+                            self.path, exc)
+
+    def stamp(self) -> float:
+        """The last mark (``CLOCK_MONOTONIC``), 0.0 if none or unreadable."""
+        try:
+            data = os.pread(self._fd, _STAMP.size, 0)
+        except OSError:
+            return 0.0
+        return float(_STAMP.unpack(data)[0]) if len(data) == _STAMP.size else 0.0
 
     def age(self, now: float | None = None) -> float:
         """Seconds since this host last received; infinite if never (or a stamp from an
         earlier boot that lies in the future)."""
         now = time.monotonic() if now is None else now
-        (stamp,) = _STAMP.unpack_from(self._map, 0)
+        stamp = self.stamp()
         if stamp <= 0.0 or stamp > now:
             return float("inf")
         return now - stamp
 
     def close(self) -> None:
-        self._map.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def can_leave_idle(nice: int) -> bool:
@@ -100,67 +122,122 @@ def can_leave_idle(nice: int) -> bool:
     return bool(answer and answer[0])
 
 
-def model_threads(model_tid: int) -> set[int]:
-    """The model's thread and the process's threads that Python did not start (the CPU
-    threads of the model's library, started from the model's thread)."""
-    others = {t.native_id for t in threading.enumerate()} - {model_tid}
+def _tasks() -> set[int] | None:
     try:
-        tasks = {int(name) for name in os.listdir("/proc/self/task")}
+        return {int(name) for name in os.listdir("/proc/self/task")}
     except OSError:
-        tasks = set()
-    return {model_tid} | (tasks - others)
+        return None
 
 
-def set_policy(tids: set[int], idle: bool) -> None:
-    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
-    for tid in tids:
+def _python_threads() -> set[int]:
+    return {t.native_id for t in threading.enumerate() if t.native_id is not None}
+
+
+def model_threads(model_tid: int, nice: int, python_tids: set[int] | None = None) -> set[int]:
+    """The threads to move under SCHED_IDLE: the model's thread, and the process's threads
+    that Python did not start (the CPU threads of the model's library) that run under
+    SCHED_OTHER at the worker's niceness or above, as those started from the model's thread
+    do. Threads at a lower niceness (numpy's BLAS threads, started at import from the main
+    thread at 0) are left alone: the kernel would refuse to move them back without
+    CAP_SYS_NICE; so are threads under another policy (set by someone else)."""
+    tasks = _tasks()  # before the Python threads: one started in between is known to be one
+    python = _python_threads() if python_tids is None else python_tids
+    chosen = {model_tid}
+    for tid in (tasks or set()) - python - {model_tid}:
         try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
-        except ProcessLookupError:  # the thread ended meanwhile
+            if (os.sched_getscheduler(tid) == os.SCHED_OTHER
+                    and os.getpriority(os.PRIO_PROCESS, tid) >= nice):
+                chosen.add(tid)
+        except OSError:  # ended meanwhile
             continue
+    return chosen
 
 
 class ModelPriority:
-    """A thread (at the worker's niceness) that puts the model's threads under SCHED_IDLE
-    while ``beacon`` says the host receives, and back at their niceness once it has not for
-    ``hold_s``. ``idle`` says which class they are in now."""
+    """A thread (at the worker's niceness) that puts the model's threads (``model_threads``)
+    under SCHED_IDLE while ``beacon`` says the host receives, and back under SCHED_OTHER (at
+    their niceness) once it has not for ``hold_s``, and at ``close``. ``idle`` says which
+    class they are in now. It moves back exactly the threads it moved, and the library threads
+    started meanwhile from the model's thread (which inherited SCHED_IDLE)."""
 
-    def __init__(self, beacon: ReceivingBeacon, model_tid: int, hold_s: float | None = None,
-                 poll_s: float | None = None, on_change: Callable[[bool], None] | None = None
-                 ) -> None:
-        self.beacon, self.model_tid = beacon, model_tid
+    def __init__(self, beacon: ReceivingBeacon, model_tid: int, nice: int,
+                 hold_s: float | None = None, poll_s: float | None = None,
+                 on_change: Callable[[bool], None] | None = None) -> None:
+        self.beacon, self.model_tid, self.nice = beacon, model_tid, nice
         self.hold_s = HOLD_S if hold_s is None else hold_s
         self.poll_s = POLL_S if poll_s is None else poll_s
         self.on_change = on_change
         self.idle = False
         self.switches = 0
+        self._moved: set[int] = set()
+        self._warned: set[str] = set()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="model-priority",
                                         daemon=True)
 
     def start(self) -> None:
+        if _tasks() is None:
+            self._warn("no /proc/self/task: only the model's own thread yields, not the CPU "
+                       "threads of its library")
         self._thread.start()
 
     def close(self) -> None:
+        """Stop watching; the model's threads go back under SCHED_OTHER; the beacon is
+        closed."""
         self._closed.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            return  # still in a switch: it ends at its next look, and leaves the beacon open
+        if self.idle:
+            self._switch(False)
+        self.beacon.close()
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
 
     def _watch(self) -> None:
         while not self._closed.wait(self.poll_s):
             receiving = self.beacon.age() <= self.hold_s
-            if receiving == self.idle:
-                continue
-            try:
-                set_policy(model_threads(self.model_tid), receiving)
-            except OSError as exc:  # refused (it was allowed at the start): stop switching
-                log.warning("could not move the model %s SCHED_IDLE: %s; it stays where it "
-                            "is", "under" if receiving else "out of", exc)
-                return
-            self.idle = receiving
-            self.switches += 1
-            log.debug("the model %s", "yields to receiving (SCHED_IDLE)" if receiving
-                      else "runs at its niceness again")
-            if self.on_change is not None:
-                self.on_change(receiving)
+            if receiving != self.idle:
+                self._switch(receiving)
 
+    def _switch(self, idle: bool) -> None:
+        if idle:
+            tids = model_threads(self.model_tid, self.nice)
+            policy = os.SCHED_IDLE
+        else:
+            # The ones moved, and library threads started from the model's thread while it
+            # was idle (they inherited the class).
+            tids = self._moved | {tid for tid in (_tasks() or set()) - _python_threads()
+                                  if _idle_at(tid, self.nice)}
+            policy = os.SCHED_OTHER
+        for tid in tids:
+            try:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+            except ProcessLookupError:  # the thread ended meanwhile
+                continue
+            except OSError as exc:  # refused: go on with the others, say it once
+                self._warn(f"could not move thread {tid} of the model "
+                           f"{'under' if idle else 'out of'} SCHED_IDLE: {exc}")
+                continue
+            if idle:
+                self._moved.add(tid)
+        if not idle:
+            self._moved.clear()
+        self.idle = idle
+        self.switches += 1
+        log.debug("the model %s", "yields to receiving (SCHED_IDLE)" if idle
+                  else "runs at its niceness again")
+        if self.on_change is not None:
+            self.on_change(idle)
+
+
+def _idle_at(tid: int, nice: int) -> bool:
+    try:
+        return (os.sched_getscheduler(tid) == os.SCHED_IDLE
+                and os.getpriority(os.PRIO_PROCESS, tid) >= nice)
+    except OSError:
+        return False

@@ -147,6 +147,8 @@ def on_requested(event: evt.Event, rx: Receiver) -> None:
     elif not peer_allowed(rx.config.peers, calling, host):
         reject, why = REJECT_CALLING_AE, "calling AE not allowed from this host"
     if reject is None:
+        if rx.beacon is not None:  # instances may follow: the model yields before the first
+            rx.beacon.mark()
         return
     log.warning("rejecting association from %s@%s: %s", clean(calling), host, why)
     rx.metrics.associations.labels("rejected").inc()

@@ -206,6 +206,10 @@ class Analyzer:
         it) under SCHED_IDLE while this host receives; at the niceness only where the
         process may not move a thread back out of SCHED_IDLE, or has no beacon to watch."""
         nice = self.config.inference.nice
+        if not hasattr(os, "SCHED_IDLE"):
+            log.warning('scheduling = "adaptive" needs Linux\'s SCHED_IDLE; the model runs at '
+                        "its niceness only")
+            return
         if not priority.can_leave_idle(nice):
             log.warning('scheduling = "adaptive": this process may not move a thread back '
                         "out of SCHED_IDLE (that needs CAP_SYS_NICE or RLIMIT_NICE >= %d, "
@@ -220,7 +224,7 @@ class Analyzer:
             return
         self._compute_thread = ModelThread(idle=False)
         self._priority = priority.ModelPriority(
-            beacon, self._compute_thread.native_id,
+            beacon, self._compute_thread.native_id, nice,
             on_change=lambda idle: self.metrics.model_idle.set(int(idle)))
         self._priority.start()
 
@@ -228,8 +232,7 @@ class Analyzer:
         """Stop moving the model between classes; let its thread, if any, end after the call
         in progress."""
         if self._priority is not None:
-            self._priority.close()
-            self._priority.beacon.close()
+            self._priority.close()  # the model's threads back under SCHED_OTHER
             self._priority = None
         if self._compute_thread is not None:
             self._compute_thread.close()
@@ -281,8 +284,8 @@ class Analyzer:
                 self._compute(self._build, str(phantoms[0].StudyInstanceUID), phantoms,
                               prediction, None, predictor, until_stop=True)
             except StopRequested:
-                # A stop that came during the warm-up (on a busy machine the idle thread may
-                # take long) need not wait for it: nothing of it is kept.
+                # A stop that came during the warm-up (on a busy machine the model's thread
+                # may take long) need not wait for it: nothing of it is kept.
                 log.info("stopping: the warm-up is left unfinished")
                 return
             except Exception as exc:  # noqa: BLE001 - reported; the jobs will say it again

@@ -192,14 +192,28 @@ def test_adaptive_the_model_yields_while_the_host_receives(
     marking = threading.Thread(target=receiver)
     receiving.set()
     marking.start()
-    # Slow the model load down so the watcher (every 20 ms) has moved the thread before the
-    # steps after it start.
+    # The model is loaded once the watcher has moved its thread (it looks every 20 ms), so the
+    # steps after it run under SCHED_IDLE.
     original_predictor = Analyzer.predictor
-    monkeypatch.setattr(Analyzer, "predictor",
-                        lambda self, ref: time.sleep(0.5) or original_predictor(self, ref))
+
+    def predictor_once_idle(self: Analyzer, ref: Any) -> Any:
+        assert self._priority is not None
+        deadline = time.monotonic() + 60
+        while not self._priority.idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return original_predictor(self, ref)
+
+    monkeypatch.setattr(Analyzer, "predictor", predictor_once_idle)
+    gauge: list[float] = []
+    original_build = Analyzer._build
+
+    def build_seeing_the_gauge(self: Analyzer, *args: Any) -> Any:
+        gauge.append(metrics.model_idle._value.get())
+        return original_build(self, *args)
+
+    monkeypatch.setattr(Analyzer, "_build", build_seeing_the_gauge)
     try:
         out = run_one_job(analyzer, monkeypatch)
-        gauge_while_receiving = metrics.model_idle._value.get()
     finally:
         receiving.clear()
         marking.join()
@@ -209,7 +223,8 @@ def test_adaptive_the_model_yields_while_the_host_receives(
     model_thread = seen["read"][0]
     assert model_thread != out["worker_thread"]
     assert seen["read"] == seen["build"] == (model_thread, os.SCHED_IDLE)
-    assert gauge_while_receiving == 1
+    assert gauge == [1]
+    assert metrics.model_idle._value.get() == 0  # closed: the model's threads moved back
     beacon.close()
 
 
