@@ -156,9 +156,11 @@ def model_threads(model_tid: int, nice: int, python_tids: set[int] | None = None
 class ModelPriority:
     """A thread (at the worker's niceness) that puts the model's threads (``model_threads``)
     under SCHED_IDLE while ``beacon`` says the host receives, and back under SCHED_OTHER (at
-    their niceness) once it has not for ``hold_s``, and at ``close``. ``idle`` says which
-    class they are in now. It moves back exactly the threads it moved, and the library threads
-    started meanwhile from the model's thread (which inherited SCHED_IDLE)."""
+    their niceness) once it has not for ``hold_s``, and when it stops (``close``). ``idle``
+    says which class it last put them in. Going back it moves the threads it moved and every
+    thread of the process under SCHED_IDLE at the worker's niceness or above (those started
+    from the model's thread meanwhile inherited the class); one the kernel refuses to move
+    back is tried again at each look until it goes."""
 
     def __init__(self, beacon: ReceivingBeacon, model_tid: int, nice: int,
                  hold_s: float | None = None, poll_s: float | None = None,
@@ -169,7 +171,7 @@ class ModelPriority:
         self.on_change = on_change
         self.idle = False
         self.switches = 0
-        self._moved: set[int] = set()
+        self._moved: set[int] = set()  # put under SCHED_IDLE by us, not yet moved back
         self._warned: set[str] = set()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="model-priority",
@@ -182,16 +184,13 @@ class ModelPriority:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop watching; the model's threads go back under SCHED_OTHER; the beacon is
-        closed."""
+        """Stop watching: the watcher moves the model's threads back under SCHED_OTHER and
+        closes the beacon as it ends (waited for up to 5 s here)."""
         self._closed.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if not self._thread.is_alive() and self._thread.ident is None:  # never started
+            self._finish()
+        elif self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        if self._thread.is_alive():
-            return  # still in a switch: it ends at its next look, and leaves the beacon open
-        if self.idle:
-            self._switch(False)
-        self.beacon.close()
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
@@ -199,40 +198,55 @@ class ModelPriority:
             log.warning("%s", message)
 
     def _watch(self) -> None:
-        while not self._closed.wait(self.poll_s):
-            receiving = self.beacon.age() <= self.hold_s
-            if receiving != self.idle:
-                self._switch(receiving)
+        try:
+            while not self._closed.wait(self.poll_s):
+                receiving = self.beacon.age() <= self.hold_s
+                if receiving != self.idle or (not receiving and self._moved):
+                    self._switch(receiving)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.idle or self._moved:
+            self._switch(False)
+        self.beacon.close()
 
     def _switch(self, idle: bool) -> None:
+        if any(t.native_id is None for t in threading.enumerate()):
+            return  # a thread is starting and cannot be told from a library's yet: next look
+        alive: set[int] | None = None
         if idle:
             tids = model_threads(self.model_tid, self.nice)
             policy = os.SCHED_IDLE
         else:
-            # The ones moved, and library threads started from the model's thread while it
-            # was idle (they inherited the class).
-            tids = self._moved | {tid for tid in (_tasks() or set()) - _python_threads()
-                                  if _idle_at(tid, self.nice)}
+            alive = _tasks()
+            tids = self._moved | {tid for tid in (alive or set()) if _idle_at(tid, self.nice)}
+            if alive is not None:
+                tids &= alive  # an id that ended may have been reused by another process
             policy = os.SCHED_OTHER
         for tid in tids:
             try:
                 os.sched_setscheduler(tid, policy, os.sched_param(0))
             except ProcessLookupError:  # the thread ended meanwhile
+                self._moved.discard(tid)
                 continue
-            except OSError as exc:  # refused: go on with the others, say it once
+            except OSError as exc:  # refused: go on with the others, say it once, try again
                 self._warn(f"could not move thread {tid} of the model "
                            f"{'under' if idle else 'out of'} SCHED_IDLE: {exc}")
                 continue
             if idle:
                 self._moved.add(tid)
-        if not idle:
-            self._moved.clear()
-        self.idle = idle
-        self.switches += 1
-        log.debug("the model %s", "yields to receiving (SCHED_IDLE)" if idle
-                  else "runs at its niceness again")
-        if self.on_change is not None:
-            self.on_change(idle)
+            else:
+                self._moved.discard(tid)
+        if not idle and alive is not None:
+            self._moved &= alive
+        if idle != self.idle:
+            self.idle = idle
+            self.switches += 1
+            log.debug("the model %s", "yields to receiving (SCHED_IDLE)" if idle
+                      else "runs at its niceness again")
+            if self.on_change is not None:
+                self.on_change(idle)
 
 
 def _idle_at(tid: int, nice: int) -> bool:

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,17 +116,16 @@ class Beacon:
         self.closed = True
 
 
-def test_the_model_and_its_library_threads_yield_while_receiving_and_come_back_after() -> None:
-    """The model's thread at niceness 10 starts torch's CPU threads; while the host receives
-    all of them run under SCHED_IDLE and the Python threads do not; once it does not they are
-    back under SCHED_OTHER, still at niceness 10; closing while idle moves them back too."""
+@pytest.fixture
+def model() -> Iterator[tuple[Any, set[int]]]:
+    """A model thread at niceness 10 that has started torch's CPU threads, and their ids."""
     if not priority.can_leave_idle(10):
         pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE < 10)")
     import torch
 
     from node.worker import ModelThread
 
-    started: dict[str, object] = {}
+    started: dict[str, ModelThread] = {}
 
     def make_model_thread() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
@@ -134,8 +134,7 @@ def test_the_model_and_its_library_threads_yield_while_receiving_and_come_back_a
     t = threading.Thread(target=make_model_thread)
     t.start()
     t.join()
-    model = started["thread"]
-    assert isinstance(model, ModelThread)
+    thread = started["thread"]
     before = set(os.listdir("/proc/self/task"))
     threads = torch.get_num_threads()
 
@@ -143,40 +142,102 @@ def test_the_model_and_its_library_threads_yield_while_receiving_and_come_back_a
         torch.set_num_threads(2)
         torch.ones(512, 512) @ torch.ones(512, 512)
 
-    model.run(use_torch)
+    thread.run(use_torch)
     torch.set_num_threads(threads)
     library = {int(tid) for tid in set(os.listdir("/proc/self/task")) - before}
     assert library  # torch started at least one CPU thread from the model's thread
+    try:
+        yield thread, library
+    finally:
+        thread.close()
+
+
+def policies(tids: set[int]) -> set[int]:
+    return {os.sched_getscheduler(tid) for tid in tids}
+
+
+def test_the_model_and_its_library_threads_yield_while_receiving_and_come_back_after(
+        model: tuple[Any, set[int]]) -> None:
+    """While the host receives the model's thread and the CPU threads torch started from it
+    run under SCHED_IDLE and the Python threads do not; once it does not they are back under
+    SCHED_OTHER, still at niceness 10, and so are library threads started while idle;
+    closing while idle moves them back too."""
+    import torch
+
+    thread, library = model
     beacon = Beacon()
     changes: list[bool] = []
-    watcher = ModelPriority(beacon, model.native_id, 10, hold_s=0.3, poll_s=0.01,  # type: ignore[arg-type]
+    watcher = ModelPriority(beacon, thread.native_id, 10, poll_s=0.01,  # type: ignore[arg-type]
                             on_change=changes.append)
     watcher.start()
-    python_threads = {t.native_id for t in threading.enumerate()} - {model.native_id}
-
-    def policies(tids: set[int]) -> set[int]:
-        return {os.sched_getscheduler(tid) for tid in tids}
-
+    python_threads = {t.native_id for t in threading.enumerate()} - {thread.native_id}
+    ours = {thread.native_id} | library
     try:
-        assert policies({model.native_id} | library) == {os.SCHED_OTHER}  # not receiving
+        assert policies(ours) == {os.SCHED_OTHER}  # not receiving
         beacon.receiving = True
         assert wait_for(lambda: watcher.idle)
-        assert policies({model.native_id} | library) == {os.SCHED_IDLE}
+        assert policies(ours) == {os.SCHED_IDLE}
         assert policies(python_threads) == {os.SCHED_OTHER}
-        assert model.run(lambda: os.sched_getscheduler(0)) == os.SCHED_IDLE
+        assert thread.run(lambda: os.sched_getscheduler(0)) == os.SCHED_IDLE
+        # More CPU threads, started from the model's thread while it is idle: they inherit it.
+        before = set(os.listdir("/proc/self/task"))
+        threads = torch.get_num_threads()
+
+        def more_threads() -> None:
+            torch.set_num_threads(4)
+            torch.ones(512, 512) @ torch.ones(512, 512)
+
+        thread.run(more_threads)
+        torch.set_num_threads(threads)
+        started_idle = {int(t) for t in set(os.listdir("/proc/self/task")) - before}
+        assert started_idle and policies(started_idle) == {os.SCHED_IDLE}
         beacon.receiving = False
         assert wait_for(lambda: not watcher.idle)
-        assert policies({model.native_id} | library) == {os.SCHED_OTHER}
-        assert os.getpriority(os.PRIO_PROCESS, model.native_id) == 10
+        assert policies(ours | started_idle) == {os.SCHED_OTHER}
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == 10
         beacon.receiving = True
         assert wait_for(lambda: watcher.idle)
         watcher.close()  # while idle
-        assert policies({model.native_id} | library) == {os.SCHED_OTHER}
+        assert policies(ours) == {os.SCHED_OTHER}
         assert beacon.closed
         assert changes == [True, False, True, False]
     finally:
         watcher.close()
-        model.close()
+
+
+def test_a_thread_the_kernel_refuses_to_move_back_is_tried_again(
+        model: tuple[Any, set[int]], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The model's thread may not leave SCHED_IDLE for a while (say the kernel refuses): the
+    watcher says so once, moves the others back, and keeps trying it until it goes."""
+    thread, library = model
+    beacon = Beacon()
+    watcher = ModelPriority(beacon, thread.native_id, 10, poll_s=0.01)  # type: ignore[arg-type]
+    real = os.sched_setscheduler
+    refusing = threading.Event()
+    refusing.set()
+    refused: list[int] = []
+
+    def sched_setscheduler(tid: int, policy: int, param: os.sched_param) -> None:
+        if refusing.is_set() and tid == thread.native_id and policy == os.SCHED_OTHER:
+            refused.append(tid)
+            raise PermissionError(1, "Operation not permitted")
+        real(tid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", sched_setscheduler)
+    watcher.start()
+    try:
+        beacon.receiving = True
+        assert wait_for(lambda: watcher.idle)
+        beacon.receiving = False
+        assert wait_for(lambda: len(refused) >= 3)  # tried at each look
+        assert policies(library) == {os.SCHED_OTHER}
+        assert policies({thread.native_id}) == {os.SCHED_IDLE}
+        refusing.clear()
+        assert wait_for(lambda: policies({thread.native_id}) == {os.SCHED_OTHER})
+        assert caplog.text.count("could not move thread") == 1
+    finally:
+        watcher.close()
 
 
 def test_threads_below_the_niceness_or_under_another_policy_are_left_alone() -> None:
@@ -184,7 +245,7 @@ def test_threads_below_the_niceness_or_under_another_policy_are_left_alone() -> 
     thread) could not be moved back out of SCHED_IDLE with only RLIMIT_NICE; a thread under
     SCHED_BATCH was put there by someone else. Neither is chosen; one at the worker's niceness
     under SCHED_OTHER is. (Python threads stand in for native ones here.)"""
-    ready = threading.Barrier(4)
+    ready = threading.Barrier(4, timeout=30)
     done = threading.Event()
     tids: dict[str, int] = {}
 

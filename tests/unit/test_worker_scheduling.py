@@ -201,6 +201,7 @@ def test_adaptive_the_model_yields_while_the_host_receives(
         deadline = time.monotonic() + 60
         while not self._priority.idle and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert self._priority.idle, "the watcher never moved the model under SCHED_IDLE"
         return original_predictor(self, ref)
 
     monkeypatch.setattr(Analyzer, "predictor", predictor_once_idle)
