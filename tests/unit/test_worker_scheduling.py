@@ -169,18 +169,24 @@ def test_a_stop_during_the_warm_up_does_not_wait_for_it(
         analyzer.close()
 
 
+def adaptive_job(model: Path, db: Database, store: FileStore,
+                 tmp_path: Path) -> tuple[Analyzer, Metrics]:
+    """A queued CR job and an ``"adaptive"`` worker in a process of its own for it."""
+    if not priority.can_leave_idle(10):
+        pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE < 10)")
+    queue_cr_job(db, store, model, tmp_path / "in")
+    metrics = Metrics()
+    return Analyzer(config(model, "adaptive"), db, store, metrics, tune_thread=True,
+                    idle_cpu=True), metrics
+
+
 def test_adaptive_the_model_yields_while_the_host_receives(
         untrained_model: Path, db: Database, store: FileStore, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``scheduling = "adaptive"``: the model's own thread, under SCHED_IDLE while this host's
     receiving beacon is fresh (kept fresh here by a thread marking it, as a receiver does at
     each C-STORE), at the worker's niceness when it is not."""
-    if not priority.can_leave_idle(10):
-        pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE < 10)")
-    queue_cr_job(db, store, untrained_model, tmp_path / "in")
-    metrics = Metrics()
-    analyzer = Analyzer(config(untrained_model, "adaptive"), db, store, metrics,
-                        tune_thread=True, idle_cpu=True)
+    analyzer, metrics = adaptive_job(untrained_model, db, store, tmp_path)
     beacon = priority.ReceivingBeacon(priority.beacon_path(store.root))
     receiving = threading.Event()
 
@@ -232,12 +238,7 @@ def test_adaptive_the_model_yields_while_the_host_receives(
 def test_adaptive_the_model_runs_at_the_niceness_while_the_host_does_not_receive(
         untrained_model: Path, db: Database, store: FileStore, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    if not priority.can_leave_idle(10):
-        pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE < 10)")
-    queue_cr_job(db, store, untrained_model, tmp_path / "in")
-    metrics = Metrics()
-    analyzer = Analyzer(config(untrained_model, "adaptive"), db, store, metrics,
-                        tune_thread=True, idle_cpu=True)
+    analyzer, metrics = adaptive_job(untrained_model, db, store, tmp_path)
     out = run_one_job(analyzer, monkeypatch)
     assert out["busy"] is True
     seen = out["seen"]
