@@ -39,9 +39,12 @@ class Metrics:
         self.queue_oldest_seconds = Gauge(
             "aidnode_queue_oldest_seconds", "Age of the oldest queued job, by kind", ["kind"],
             registry=r)
+        # By worker: an unlabelled gauge would be the receiving process's own 0 on serve's
+        # endpoint, hiding its worker child's value.
         self.model_idle = Gauge(
-            "aidnode_model_idle", "1 while the model's threads run under SCHED_IDLE "
-            "(inference.scheduling adaptive, while this host receives, or idle)", registry=r)
+            "aidnode_model_idle", "1 while the worker's model threads run under SCHED_IDLE "
+            "(inference.scheduling adaptive, while this host receives, or idle)", ["worker"],
+            registry=r)
         self.jobs = Counter(
             "aidnode_jobs", "Job outcomes, by kind and outcome", ["kind", "outcome"], registry=r)
         self.inference_seconds = Histogram(

@@ -197,7 +197,7 @@ class Analyzer:
             torch.set_num_threads(threads)
         if self.idle_cpu and cfg.scheduling == "idle":
             self._compute_thread = ModelThread(idle=True)
-            self.metrics.model_idle.set(1)
+            self.metrics.model_idle.labels(self.name).set(1)
         elif self.idle_cpu and cfg.scheduling == "adaptive":
             self._start_adaptive()
 
@@ -223,9 +223,10 @@ class Analyzer:
                         "model runs at niceness %d only", exc, nice)
             return
         self._compute_thread = ModelThread(idle=False)
+        self.metrics.model_idle.labels(self.name).set(0)
         self._priority = priority.ModelPriority(
             beacon, self._compute_thread.native_id, nice,
-            on_change=lambda idle: self.metrics.model_idle.set(int(idle)))
+            on_change=lambda idle: self.metrics.model_idle.labels(self.name).set(int(idle)))
         self._priority.start()
 
     def close(self) -> None:

@@ -62,6 +62,7 @@ def test_another_processs_metrics_are_served_beside_ours_each_series_once() -> N
         child.jobs.labels("ANALYZE", "succeeded").inc()
         child.inference_seconds.labels("demo", "1.0").observe(0.3)
         child.disk_free_bytes.set(5)
+        child.model_idle.labels("w0").set(1)  # only workers set it: the child's shows
         parent.instances_received.labels("new").inc(3)
         parent.disk_free_bytes.set(7)
         got = samples(port)
@@ -70,6 +71,7 @@ def test_another_processs_metrics_are_served_beside_ours_each_series_once() -> N
             == 1
         assert got[("aidnode_instances_received_total", (("outcome", "new"),))] == 3
         assert got[("aidnode_disk_free_bytes", ())] == 7
+        assert got[("aidnode_model_idle", (("worker", "w0"),))] == 1
         child.close()  # gone: ours alone, and the scrape still answers
         got = samples(port)
         assert ("aidnode_jobs_total", (("kind", "ANALYZE"), ("outcome", "succeeded"))) not in got

@@ -215,7 +215,7 @@ def test_adaptive_the_model_yields_while_the_host_receives(
     original_build = Analyzer._build
 
     def build_seeing_the_gauge(self: Analyzer, *args: Any) -> Any:
-        gauge.append(metrics.model_idle._value.get())
+        gauge.append(metrics.model_idle.labels(self.name)._value.get())
         return original_build(self, *args)
 
     monkeypatch.setattr(Analyzer, "_build", build_seeing_the_gauge)
@@ -231,7 +231,7 @@ def test_adaptive_the_model_yields_while_the_host_receives(
     assert model_thread != out["worker_thread"]
     assert seen["read"] == seen["build"] == (model_thread, os.SCHED_IDLE)
     assert gauge == [1]
-    assert metrics.model_idle._value.get() == 0  # closed: the model's threads moved back
+    assert metrics.model_idle.labels(analyzer.name)._value.get() == 0  # closed: moved back
     beacon.close()
 
 
@@ -245,7 +245,7 @@ def test_adaptive_the_model_runs_at_the_niceness_while_the_host_does_not_receive
     model_thread = seen["read"][0]
     assert model_thread != out["worker_thread"]
     assert seen["load"] == seen["read"] == seen["build"] == (model_thread, os.SCHED_OTHER)
-    assert metrics.model_idle._value.get() == 0
+    assert metrics.model_idle.labels(analyzer.name)._value.get() == 0
 
 
 def test_adaptive_where_the_model_may_not_leave_idle_runs_as_normal(
