@@ -64,7 +64,7 @@ class ReceivingBeacon:
     def mark(self, now: float | None = None) -> None:
         """This host is receiving (written at most every ``MARK_EVERY_S``); never raises."""
         now = time.monotonic() if now is None else now
-        if now - self._marked < MARK_EVERY_S:
+        if now - self._marked < MARK_EVERY_S or self._fd < 0:  # too soon, or closed
             return
         self._marked = now
         try:

@@ -102,6 +102,11 @@ class Receiver:
                 log.warning("no receiving beacon (%s): a worker process on this host keeps "
                             "its model at its niceness while this receiver receives", exc)
 
+    def close(self) -> None:
+        """Once no association is served any more: release the beacon's file."""
+        if self.beacon is not None:
+            self.beacon.close()
+
     # -- association events --------------------------------------------------------------
 
     def stats(self, assoc: Any) -> _AssocStats:

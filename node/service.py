@@ -175,6 +175,7 @@ class Service:
     threads: list[threading.Thread] = field(default_factory=list)
     analyzers: list[Analyzer] = field(default_factory=list)
     server: Any = None
+    receiver: Receiver | None = None
     metrics_port: int | None = None
     role: Role = Role.ALL
     name: str = field(default_factory=registry.process_name)  # host:pid
@@ -295,6 +296,8 @@ class Service:
             if self.server is not None:
                 self.server.shutdown()
                 self.server = None
+            if self.receiver is not None:
+                self.receiver.close()
             self.metrics.close()
             try:
                 with self.db.write() as s:
@@ -332,7 +335,7 @@ class Service:
             ("heartbeat", self._heartbeat, registry.HEARTBEAT_S, None, None),
             ("housekeeping", self._housekeeping, 5.0, None, None)]
         if self.role.runs(Role.RECEIVER):
-            rx = Receiver(self.config, self.db, self.store, self.metrics)
+            rx = self.receiver = Receiver(self.config, self.db, self.store, self.metrics)
             self.server = start(rx, host, port)
             loops.append(("assembler", self._assemble, self.config.assembly.check_interval_s,
                           None, then_analyze))
@@ -409,6 +412,8 @@ class Service:
             t.join(timeout=max(0.1, grace_s))
         for a in self.analyzers:
             a.close()
+        if self.receiver is not None:
+            self.receiver.close()
         try:
             with self.db.write() as s:
                 registry.deregister(s, self.name)

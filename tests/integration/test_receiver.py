@@ -4,6 +4,7 @@ every failure answers its DESIGN §5 status and leaves nothing behind, and the n
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -182,6 +183,15 @@ def test_receiving_marks_this_hosts_beacon_for_the_worker_process(
 
     assert before <= beacon.stamp() <= time.monotonic()
     beacon.close()
+
+    def open_to_beacon() -> list[str]:
+        fds = Path("/proc/self/fd")
+        return [fd.name for fd in fds.iterdir()
+                if os.path.realpath(fd) == str(beacon_path(node.store.root).resolve())]
+
+    assert len(open_to_beacon()) == 1  # the receiver's
+    node.service.stop(grace_s=5)
+    assert open_to_beacon() == []  # released at the stop
 
 
 # -- C-STORE failure statuses (DESIGN §5) ---------------------------------------------------
