@@ -361,6 +361,8 @@ def main() -> int:
               f"worker paused (ms per instance, medians of the pairs) | {busy_wait:.2f} / "
               f"{idle_wait:.2f} | | |")
     for key, rows in report.get("while_analysing", {}).items():
+        if not rows:  # --rounds 0: the long run only
+            continue
         layout = LAYOUTS[key][0]
         idle = median([r["idle_images_per_s"] for r in rows])
         busy = median([r["analysing_images_per_s"] for r in rows])
