@@ -1,5 +1,5 @@
 """The model yields to receiving while this host receives (``inference.scheduling =
-"adaptive"``, Linux).
+"adaptive"``, Linux), and the thread the model runs in (``ModelThread``, ``model_thread``).
 
 A receiver marks a small file under the storage root, one per host, at most every
 ``MARK_EVERY_S`` while C-STOREs arrive and when it accepts an association
@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, TypeVar
+
+from node.config import InferenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ POLL_S = 0.02
 #: How often a receiver writes the beacon at most.
 MARK_EVERY_S = 0.1
 _STAMP = struct.Struct("<d")
+T = TypeVar("T")
 
 
 def beacon_path(root: Path) -> Path:
@@ -255,3 +261,103 @@ def _idle_at(tid: int, nice: int) -> bool:
                 and os.getpriority(os.PRIO_PROCESS, tid) >= nice)
     except OSError:
         return False
+
+
+class StopRequested(Exception):
+    """The service is stopping: work that need not finish (the warm-up) is left."""
+
+
+class ModelThread:
+    """The thread the model runs in, one call at a time. With ``idle`` it runs under
+    SCHED_IDLE (Linux) from the start: it gets CPU time that nothing else wants, and a thread
+    that wakes (a receiver's, a sender's) takes the core from it at once. The CPU threads a
+    library starts from it inherit its class; ``node.priority.ModelPriority`` may move them
+    all later (``scheduling = "adaptive"``).
+
+    A daemon thread, as the worker's loop is: a process told to stop does not wait past its
+    grace for a job in progress (the job's lease runs out and it is analysed again)."""
+
+    def __init__(self, idle: bool = True) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
+                                             Future[Any]] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._idle = idle
+        self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
+        self._thread.start()  # from the worker's thread: its niceness is inherited
+
+    @property
+    def native_id(self) -> int:
+        return int(self._thread.native_id or 0)
+
+    def run(self, fn: Callable[..., T], *args: Any,
+            stopping: threading.Event | None = None) -> T:
+        """``fn(*args)`` in the model's thread; with ``stopping``, give up waiting for it (raise
+        ``StopRequested``, the call goes on unobserved) once that is set."""
+        if self._closed:  # a job that outlived the stop's grace: finish it here
+            return fn(*args)
+        done: Future[T] = Future()
+        self._calls.put((fn, args, done))
+        while stopping is not None:
+            try:
+                return done.result(timeout=0.1)
+            except TimeoutError:
+                if stopping.is_set():
+                    raise StopRequested() from None
+        return done.result()
+
+    def close(self) -> None:
+        """The thread ends after the call in progress, if any."""
+        self._closed = True
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        if self._idle:
+            try:
+                os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE,
+                                      os.sched_param(0))
+            except (AttributeError, OSError) as exc:  # not Linux: niceness only
+                log.warning("could not run the model under SCHED_IDLE (niceness only): %s",
+                            exc)
+        while (call := self._calls.get()) is not None:
+            fn, args, done = call
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                done.set_exception(exc)
+
+
+def model_thread(cfg: InferenceConfig, root: Path, on_idle: Callable[[bool], None]
+                 ) -> tuple[ModelThread | None, ModelPriority | None]:
+    """For a worker in a process of its own: the thread its model runs in, and the watcher
+    that moves it while the host receives, as ``cfg.scheduling`` says; ``(None, None)`` for
+    "normal" (the model runs in the worker's own thread), and for "adaptive" where it cannot
+    work (not Linux, leaving SCHED_IDLE not allowed, no beacon), with a warning. ``on_idle``
+    is told the model's class (True: SCHED_IDLE) at the start and at each change. Call it
+    from the worker's thread once its niceness is set: the model's thread inherits it."""
+    if cfg.scheduling == "idle":
+        on_idle(True)
+        return ModelThread(idle=True), None
+    if cfg.scheduling != "adaptive":
+        return None, None
+    nice = cfg.nice
+    if not hasattr(os, "SCHED_IDLE"):
+        log.warning('scheduling = "adaptive" needs Linux\'s SCHED_IDLE; the model runs at '
+                    "its niceness only")
+        return None, None
+    if not can_leave_idle(nice):
+        log.warning('scheduling = "adaptive": this process may not move a thread back out of '
+                    "SCHED_IDLE (that needs CAP_SYS_NICE or RLIMIT_NICE >= %d, systemd: "
+                    'LimitNICE=+%d), so the model runs at niceness %d only, as with "normal"',
+                    20 - nice, nice, nice)
+        return None, None
+    try:
+        beacon = ReceivingBeacon(beacon_path(root))
+    except OSError as exc:
+        log.warning('scheduling = "adaptive": no receiving beacon to watch (%s), so the model '
+                    "runs at niceness %d only", exc, nice)
+        return None, None
+    thread = ModelThread(idle=False)
+    on_idle(False)
+    watcher = ModelPriority(beacon, thread.native_id, nice, on_change=on_idle)
+    watcher.start()
+    return thread, watcher

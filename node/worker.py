@@ -11,11 +11,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,69 +84,6 @@ class Phases(dict[str, float]):
         return ", ".join(f"{name} {secs:.2f}s" for name, secs in self.items())
 
 
-class StopRequested(Exception):
-    """The service is stopping: work that need not finish (the warm-up) is left."""
-
-
-class ModelThread:
-    """The thread the model runs in, one call at a time. With ``idle`` it runs under
-    SCHED_IDLE (Linux) from the start: it gets CPU time that nothing else wants, and a thread
-    that wakes (a receiver's, a sender's) takes the core from it at once. The CPU threads a
-    library starts from it inherit its class; ``node.priority.ModelPriority`` may move them
-    all later (``scheduling = "adaptive"``).
-
-    A daemon thread, as the worker's loop is: a process told to stop does not wait past its
-    grace for a job in progress (the job's lease runs out and it is analysed again)."""
-
-    def __init__(self, idle: bool = True) -> None:
-        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
-                                             Future[Any]] | None] = queue.SimpleQueue()
-        self._closed = False
-        self._idle = idle
-        self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
-        self._thread.start()  # from the worker's thread: its niceness is inherited
-
-    @property
-    def native_id(self) -> int:
-        return int(self._thread.native_id or 0)
-
-    def run(self, fn: Callable[..., T], *args: Any,
-            stopping: threading.Event | None = None) -> T:
-        """``fn(*args)`` in the model's thread; with ``stopping``, give up waiting for it (raise
-        ``StopRequested``, the call goes on unobserved) once that is set."""
-        if self._closed:  # a job that outlived the stop's grace: finish it here
-            return fn(*args)
-        done: Future[T] = Future()
-        self._calls.put((fn, args, done))
-        while stopping is not None:
-            try:
-                return done.result(timeout=0.1)
-            except TimeoutError:
-                if stopping.is_set():
-                    raise StopRequested() from None
-        return done.result()
-
-    def close(self) -> None:
-        """The thread ends after the call in progress, if any."""
-        self._closed = True
-        self._calls.put(None)
-
-    def _serve(self) -> None:
-        if self._idle:
-            try:
-                os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE,
-                                      os.sched_param(0))
-            except (AttributeError, OSError) as exc:  # not Linux: niceness only
-                log.warning("could not run the model under SCHED_IDLE (niceness only): %s",
-                            exc)
-        while (call := self._calls.get()) is not None:
-            fn, args, done = call
-            try:
-                done.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-                done.set_exception(exc)
-
-
 def _read_all(paths: Sequence[Path]) -> list[Dataset]:
     return [dcmread(p) for p in paths]
 
@@ -175,7 +110,7 @@ class Analyzer:
     #: or while this host receives (``node.priority``).
     idle_cpu: bool = False
     _prepared: bool = False
-    _compute_thread: ModelThread | None = None
+    _compute_thread: priority.ModelThread | None = None
     _priority: priority.ModelPriority | None = None
     #: The service's: set when it stops, so that the warm-up does not hold the stop up.
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -195,39 +130,10 @@ class Analyzer:
         threads = cfg.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        if self.idle_cpu and cfg.scheduling == "idle":
-            self._compute_thread = ModelThread(idle=True)
-            self.metrics.model_idle.labels(self.name).set(1)
-        elif self.idle_cpu and cfg.scheduling == "adaptive":
-            self._start_adaptive()
-
-    def _start_adaptive(self) -> None:
-        """The model's thread, and a watcher that moves it (and the CPU threads started from
-        it) under SCHED_IDLE while this host receives; at the niceness only where the
-        process may not move a thread back out of SCHED_IDLE, or has no beacon to watch."""
-        nice = self.config.inference.nice
-        if not hasattr(os, "SCHED_IDLE"):
-            log.warning('scheduling = "adaptive" needs Linux\'s SCHED_IDLE; the model runs at '
-                        "its niceness only")
-            return
-        if not priority.can_leave_idle(nice):
-            log.warning('scheduling = "adaptive": this process may not move a thread back '
-                        "out of SCHED_IDLE (that needs CAP_SYS_NICE or RLIMIT_NICE >= %d, "
-                        "systemd: LimitNICE=+%d), so the model runs at niceness %d only, as "
-                        'with "normal"', 20 - nice, nice, nice)
-            return
-        try:
-            beacon = priority.ReceivingBeacon(priority.beacon_path(self.store.root))
-        except OSError as exc:
-            log.warning('scheduling = "adaptive": no receiving beacon to watch (%s), so the '
-                        "model runs at niceness %d only", exc, nice)
-            return
-        self._compute_thread = ModelThread(idle=False)
-        self.metrics.model_idle.labels(self.name).set(0)
-        self._priority = priority.ModelPriority(
-            beacon, self._compute_thread.native_id, nice,
-            on_change=lambda idle: self.metrics.model_idle.labels(self.name).set(int(idle)))
-        self._priority.start()
+        if self.idle_cpu:
+            self._compute_thread, self._priority = priority.model_thread(
+                cfg, self.store.root,
+                lambda idle: self.metrics.model_idle.labels(self.name).set(int(idle)))
 
     def close(self) -> None:
         """Stop moving the model between classes; let its thread, if any, end after the call
@@ -245,7 +151,7 @@ class Analyzer:
         starts from it are idle too; the database's transactions and the lease heartbeat stay
         in threads of normal class (niceness only), so the worker never holds the database's
         write lock while waiting for CPU time it may not get. With ``until_stop``, stopping
-        the service raises ``StopRequested`` here instead of waiting for ``fn``."""
+        the service raises ``priority.StopRequested`` here instead of waiting for ``fn``."""
         if self._compute_thread is None:
             return fn(*args)
         return self._compute_thread.run(fn, *args,
@@ -284,7 +190,7 @@ class Analyzer:
                 prediction = self._compute(predictor.predict, phantoms, until_stop=True)
                 self._compute(self._build, str(phantoms[0].StudyInstanceUID), phantoms,
                               prediction, None, predictor, until_stop=True)
-            except StopRequested:
+            except priority.StopRequested:
                 # A stop that came during the warm-up (on a busy machine the model's thread
                 # may take long) need not wait for it: nothing of it is kept.
                 log.info("stopping: the warm-up is left unfinished")

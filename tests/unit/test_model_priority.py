@@ -123,7 +123,7 @@ def model() -> Iterator[tuple[Any, set[int]]]:
         pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE < 10)")
     import torch
 
-    from node.worker import ModelThread
+    from node.priority import ModelThread
 
     started: dict[str, ModelThread] = {}
 

@@ -21,7 +21,8 @@ from node import priority
 from node import worker as worker_module
 from node.config import Config
 from node.metrics import Metrics
-from node.worker import Analyzer, ModelThread
+from node.priority import ModelThread
+from node.worker import Analyzer
 from storage import catalog, jobs
 from storage.db import Database
 from storage.files import FileStore
