@@ -105,17 +105,22 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def idle_threads(pid: int) -> int:
-    """How many of ``pid``'s threads are under SCHED_IDLE now (Linux: /proc's policy field)."""
-    count = 0
+def task_stats(pid: int) -> list[list[str]]:
+    """For each thread of ``pid``, the fields of its /proc stat from the third on (state,
+    ppid, ...; ``proc_pid_stat(5)``'s field n is index n - 3)."""
+    out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             stat = (task / "stat").read_text()
         except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        count += fields[38] == "5"  # field 41, policy; 5 = SCHED_IDLE
-    return count
+            continue  # ended meanwhile
+        out.append(stat[stat.rindex(")") + 2:].split())  # after "pid (comm) "
+    return out
+
+
+def idle_threads(pid: int) -> int:
+    """How many of ``pid``'s threads are under SCHED_IDLE now."""
+    return sum(fields[38] == "5" for fields in task_stats(pid))  # 41 policy; 5 SCHED_IDLE
 
 
 def _schedstats(pid: int) -> dict[int, tuple[int, int]]:

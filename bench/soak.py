@@ -67,6 +67,7 @@ from common import (
     median,
     print_machine,
     rss_kib,
+    task_stats,
     wait_until,
 )
 from e2e import model_package
@@ -182,14 +183,7 @@ def _one_round(tmp: Path, model: Path, rnd: int, layout: str) -> dict[str, Any]:
 
 
 def _all_stopped(pid: int) -> bool:
-    states = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:
-            continue
-        states.append(stat[stat.rindex(")") + 2])
-    return all(state in "tT" for state in states)
+    return all(fields[0] in "tT" for fields in task_stats(pid))  # field 3, the state
 
 
 def _freeze(pid: int, db_path: Path) -> None:
