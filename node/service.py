@@ -204,7 +204,10 @@ class Service:
             log.warning("removed %d partial file(s) left by a crash", n)
         self.remove_orphans(min_age_s=SHARED_ORPHAN_AGE_S if self.shared else 0.0)
         with self.db.write() as s:
-            ids = jobs.requeue_stale(s, self.config.inference.lease_s)
+            if self.shared:  # another process may hold a job: only expired leases are freed
+                ids = jobs.requeue_stale(s, self.config.inference.lease_s)
+            else:  # this node alone: a RUNNING job was its previous run's, stopped mid-job
+                ids = jobs.requeue_running(s, "the node restarted")
         if ids:
             log.warning("re-queued %d job(s) whose worker stopped: %s", len(ids), ids)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, text, update
+from sqlalchemy import or_, select, text, true, update
 from sqlalchemy.orm import Session
 
 from storage import clock
@@ -211,6 +211,12 @@ def requeue_process(s: Session, process: str) -> list[int]:
     to have died (its parent saw it exit), instead of waiting for their leases to run out."""
     return _requeue(s, Job.worker.startswith(process + "/", autoescape=True),
                     f"{process} died")
+
+
+def requeue_running(s: Session, why: str) -> list[int]:
+    """Re-queue every RUNNING job: for a node that alone uses its database, at its start, when
+    whoever held them can only be its own previous run (killed, or its power lost)."""
+    return _requeue(s, true(), why)
 
 
 def _requeue(s: Session, which: Any, why: str) -> list[int]:

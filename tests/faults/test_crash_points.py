@@ -43,7 +43,7 @@ RECEIVER_POINTS = ("store.after_write", "store.after_fsync", "store.after_rename
                    "scp.after_commit")
 N_IMAGES = 4
 CRASH_ON = 3  # the third instance of the study
-LEASE_S = 5.0  # a dead worker's job is re-queued this long after its last heartbeat
+LEASE_S = 3600.0  # never runs out in a test: a restart re-queues the jobs it left RUNNING
 ANALYSIS_TIMEOUT_S = 240.0
 ANALYZE, DELIVER = JobKind.ANALYZE, JobKind.DELIVER
 SUCCEEDED, RUNNING = JobStatus.SUCCEEDED, JobStatus.RUNNING
@@ -134,12 +134,13 @@ def test_crash_after_the_model_ran_publishes_one_result(
         assert len(list(node.store.files("results"))) == 3
         assert pacs.received == []
 
-        # Restarted: the orphans go, the lease runs out, the job runs again and publishes once.
+        # Restarted: the orphans go, the job is re-queued at once (its lease is an hour), runs
+        # again and publishes once.
         with serve(folder) as proc:
             wait_for(lambda: delivered(node), ANALYSIS_TIMEOUT_S, what="analysis and delivery")
             stop(proc, folder)
         assert node.jobs(ANALYZE) == [(SUCCEEDED, 2)]
-        assert any("lease expired; requeued" in m for m in node.job_messages(ANALYZE))
+        assert any("the node restarted; requeued" in m for m in node.job_messages(ANALYZE))
         assert node.results() == 1
         assert set(node.instances()) == uids
         assert_received_once(node, pacs)
@@ -164,13 +165,14 @@ def test_crash_after_the_pacs_acknowledged_keeps_one_copy_per_uid(
             assert node.deliveries_per_object() == [0, 0, 0]
             assert len(pacs.instances_in_study(study_uid)) == 1
 
-            # Restarted: the delivery is re-queued when its lease runs out and completes; the
-            # unrecorded object goes again, and Orthanc keeps one copy of it.
+            # Restarted: the delivery is re-queued at once and completes; the unrecorded
+            # object goes again, and Orthanc keeps one copy of it.
             with serve(folder) as proc:
                 wait_for(lambda: delivered(node), ANALYSIS_TIMEOUT_S, what="the delivery")
                 stop(proc, folder)
             assert node.jobs(ANALYZE) == [(SUCCEEDED, 1)]  # the model did not run again
             assert node.jobs(DELIVER) == [(SUCCEEDED, 2)]
+            assert any("the node restarted; requeued" in m for m in node.job_messages(DELIVER))
             assert node.results() == 1
             objects = node.result_objects()
             assert node.deliveries_per_object() == [1] * len(objects) == [1, 1, 1]
