@@ -169,7 +169,8 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(node_dir: Path, tmp_path: P
             thread = threading.Thread(target=sender, name="storescu-sender")
             thread.start()
             try:
-                wait_for(lambda: len(stored(db)) >= 10, 60, what="10 instances stored")
+                # wait on what is asserted: a row is committed just before its Success is sent
+                wait_for(lambda: len(acknowledged) >= 10, 60, what="10 instances acknowledged")
             finally:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=30)

@@ -74,11 +74,14 @@ def test_a_worker_process_that_dies_is_started_again_and_its_job_runs_once(
             # One registry row for the new child, a child of `serve`.
             (child,) = workers(node)
             assert int(stat_fields(child)[1]) == proc.pid  # its parent
-            # The parent's endpoint serves the child's series beside its own, each once.
+            # The parent's endpoint serves the child's series beside its own, each once. The
+            # child counts its job after the commit that queued the deliveries: wait for it.
+            succeeded = ("aidnode_jobs_total", (("kind", "ANALYZE"), ("outcome", "succeeded")))
+            wait_for(lambda: samples(metrics_port).get(succeeded, 0) >= 1, 30,
+                     what="the child's count of its job")
             got = samples(metrics_port)
             assert got[("aidnode_instances_received_total", (("outcome", "new"),))] == len(uids)
-            assert got[("aidnode_jobs_total", (("kind", "ANALYZE"), ("outcome", "succeeded")))] \
-                == 1
+            assert got[succeeded] == 1
             assert got[("aidnode_inference_seconds_count",
                         (("model", "test-untrained"), ("version", "0.0.1")))] == 1
             assert got[("aidnode_worker_restarts_total", ())] == 1

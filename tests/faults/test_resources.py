@@ -125,7 +125,8 @@ def test_full_disk_answers_0xA700_and_stores_once_space_is_back(
 
 def test_database_locked_past_the_busy_timeout_answers_0xA700(
         node_service: NodeFactory, caplog: pytest.LogCaptureFixture) -> None:
-    node = node_service(database={"busy_timeout_ms": 200})
+    # 1 s: long enough for the node's own writers (audit, heartbeat) on a slow machine
+    node = node_service(database={"busy_timeout_ms": 1000})
     first, *rest = ct_series(3, rows=16, cols=16)
     assert send(node, first) == [Status.SUCCESS]
 

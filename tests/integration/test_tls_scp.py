@@ -95,6 +95,9 @@ def store_over_tls(node: RunningNode, ds: Dataset, context: ssl.SSLContext | Non
 def assert_both_ports_serve(node: RunningNode, pki: Path) -> None:
     (plain,) = ct_series(1, rows=16, cols=16)
     assert send(node, plain) == [Status.SUCCESS]
+    # Released; the node's thread for it may still be ending (it counts toward a limit of 1).
+    wait_for(lambda: not node.service.server.active_associations, 10,
+             what="the plain association to end")
     (secure,) = ct_series(1, rows=16, cols=16)
     assert store_over_tls(node, secure, client_context(pki)) == [Status.SUCCESS]
     assert {plain.SOPInstanceUID, secure.SOPInstanceUID} <= set(node.instance_paths())
