@@ -275,7 +275,8 @@ class ModelThread:
     all later (``scheduling = "adaptive"``).
 
     A daemon thread, as the worker's loop is: a process told to stop does not wait past its
-    grace for a job in progress (the job's lease runs out and it is analysed again)."""
+    grace for a job in progress (it is re-queued, at a lone node's next start or when its
+    lease runs out, and analysed again)."""
 
     def __init__(self, idle: bool = True) -> None:
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],

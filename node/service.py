@@ -196,7 +196,7 @@ class Service:
         return not self.db.is_sqlite or self.role is not Role.ALL
 
     def recover(self) -> None:
-        """Start-up recovery: schema, partial files, orphans, stale leases."""
+        """Start-up recovery: schema, partial files, orphans, jobs a stopped run left RUNNING."""
         self.db.check_schema()
         self.store.ensure_layout()
         n = self.store.clean_tmp(shared=self.shared)
