@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -48,11 +49,15 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 HANDLER = "the C-STORE handler, in all"
+CHECKER = "the checker thread, beside the file: checks, decoding, hash"
+#: Steps timed on their own, not only inside another: the handler, and the checker thread's part.
+ROOTS = (HANDLER, CHECKER)
 
 
 class Timers:
-    """Seconds per named step, summed over calls made inside the C-STORE handler (the
-    assembler's and the audit's database writes elsewhere in the process are not counted).
+    """Seconds per named step, summed over calls made inside the C-STORE handler or the checker
+    thread's part of it (the assembler's and the audit's database writes elsewhere in the
+    process are not counted).
     ``names`` keeps the order the steps were wrapped in, for the report."""
 
     def __init__(self) -> None:
@@ -63,7 +68,7 @@ class Timers:
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
         inside = getattr(self._local, "inside", False)
-        if not inside and name != HANDLER:
+        if not inside and name not in ROOTS:
             yield
             return
         self._local.inside = True
@@ -121,18 +126,21 @@ class _TimedHashlib:
 
 def instrument(timers: Timers) -> None:
     timers.wrap(scp, "handle_store", HANDLER)
-    timers.wrap_property(pynetdicom_events.Event, "dataset", "- data set decoding (lazy)")
-    timers.wrap(scp, "check_complete", "- checks: complete data set")
-    timers.wrap(scp, "check_dataset", "- checks: header")
-    scp.hashlib = _TimedHashlib(timers, "- SHA-256 of the data set")  # type: ignore[assignment]
-    timers.wrap(files.FileStore, "check_space", "- checks: free space")
-    timers.wrap(scp, "encode_file_meta", "- file meta encoding")
-    timers.wrap(files.FileStore, "write", "- file store: write, rename, fsyncs")
-    timers.wrap(files.os, "fsync", "  - of which the fsyncs of the file and its folder")
+    timers.wrap(scp, "_write", "- the file: free space, file meta, file store")
+    timers.wrap(files.FileStore, "check_space", "  - checks: free space")
+    timers.wrap(scp, "encode_file_meta", "  - file meta encoding")
+    timers.wrap(files.FileStore, "write", "  - file store: write, rename, fsyncs")
+    timers.wrap(files.os, "fsync", "    - of which the fsyncs of the file and its folder")
+    timers.wrap(futures.Future, "result", "- waiting for the checker thread after the file")
     timers.wrap_context(db.Database, "write", "- database: waiting for the write turn + transaction")
     timers.wrap_context(db.Database, "_session", "  - of which the transaction (begin, statements, "
                         "commit with its WAL fsync)")
     timers.wrap(catalog, "record_instance", "    - of which the statements recording it")
+    timers.wrap(scp, "_checked", CHECKER)
+    timers.wrap_property(pynetdicom_events.Event, "dataset", "- data set decoding (lazy)")
+    timers.wrap(scp, "check_complete", "- checks: complete data set")
+    timers.wrap(scp, "check_dataset", "- checks: header")
+    scp.hashlib = _TimedHashlib(timers, "- SHA-256 of the data set")  # type: ignore[assignment]
 
 
 def thread_cpu() -> dict[str, float]:

@@ -1,8 +1,9 @@
 """The DICOM receiver: Verification and Storage SCP (PS3.4 Annex A and B).
 
-The C-STORE handler checks the dataset, writes it durably (``storage.files``), records it in one
-transaction (``storage.catalog``) and only then answers Success; every failure answers the status
-from ``node.status`` and leaves no file and no row behind.
+The C-STORE handler writes the data set durably (``storage.files``) while a checker thread checks
+and hashes it, records it in one transaction (``storage.catalog``) once both are done and only
+then answers Success; every failure answers the status from ``node.status`` and leaves no file
+and no row behind.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,7 @@ from node.status import (
 from storage import audit, catalog
 from storage.db import Database
 from storage.faults import crash_point
-from storage.files import FileStore
+from storage.files import FileStore, StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,15 @@ class Receiver:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     #: Marked at each C-STORE for this host's worker processes (``scheduling = "adaptive"``).
     beacon: priority.ReceivingBeacon | None = None
+    #: Checks and hashes each received data set while its handler writes the file: the
+    #: checks run while the handler's fsyncs wait on the disk, off the CPU and without the
+    #: interpreter's lock. At most one thread per association (an association has one C-STORE
+    #: in flight), each made when first needed.
+    checker: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
+        self.checker = ThreadPoolExecutor(max_workers=self.config.node.max_associations,
+                                          thread_name_prefix="store-check")
         if self.beacon is None and self.config.inference.scheduling == "adaptive":
             try:
                 self.beacon = priority.ReceivingBeacon(priority.beacon_path(self.store.root))
@@ -103,7 +112,9 @@ class Receiver:
                             "its model at its niceness while this receiver receives", exc)
 
     def close(self) -> None:
-        """Once no association is served any more: release the beacon's file."""
+        """Once no association is served any more: end the checker threads, release the
+        beacon's file."""
+        self.checker.shutdown(wait=True)
         if self.beacon is not None:
             self.beacon.close()
 
@@ -217,6 +228,50 @@ def handle_store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
         return _store(event, rx)
 
 
+def _checked(event: evt.Event, rx: Receiver, st: _AssocStats, raw: bytes,
+             limit: int) -> catalog.InstanceMeta:
+    """In a checker thread: check the data set (its bytes, then its header) and describe it
+    for its row."""
+    syntax = event.context.transfer_syntax
+    if syntax == DeflatedExplicitVRLittleEndian:
+        # Before pynetdicom inflates it all at once; then the inflated bytes are checked
+        # like any other data set (explicit VR little endian under the deflate).
+        check_complete(check_inflated_size(raw, limit), False, True)
+    else:
+        check_complete(raw, syntax.is_implicit_VR, syntax.is_little_endian)
+    try:
+        ds = event.dataset
+    except Exception as exc:
+        raise InvalidDatasetError(f"dataset cannot be decoded: {exc}") from exc
+    check_dataset(ds, event.request, rx.config.node.max_pixel_bytes,
+                  str(event.context.abstract_syntax))
+    return catalog.InstanceMeta(
+        study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+        sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        sha256=hashlib.sha256(raw).hexdigest(), modality=_text(ds, "Modality", 16),
+        body_part=_text(ds, "BodyPartExamined"),
+        study_description=_text(ds, "StudyDescription"),
+        series_description=_text(ds, "SeriesDescription"),
+        image_type=_text(ds, "ImageType", 128), calling_ae=st.calling_ae,
+        called_ae=rx.config.node.ae_title, calling_host=st.host, association_id=st.id)
+
+
+def _write(rx: Receiver, file_meta: Any, raw: bytes) -> StoredFile:
+    """The free-space check, then the file, fsynced, in place."""
+    rx.store.check_space(len(raw))
+    # What event.encoded_dataset(include_meta=True) puts before the data set, without
+    # copying the data set twice more to build it.
+    return rx.store.write([PREAMBLE + encode_file_meta(file_meta), raw])
+
+
+def _remove_refused(rx: Receiver, path: str) -> None:
+    try:
+        rx.store.remove(path)
+    except OSError:  # no row names it: it is swept at the next start
+        log.warning("could not remove the refused data set's file %s", path)
+
+
 def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
     started = time.perf_counter()
     st = rx.stats(event.assoc)
@@ -226,34 +281,17 @@ def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
         limit = rx.config.node.max_dataset_bytes
         if len(raw) > limit:
             raise DatasetTooLargeError(f"dataset is larger than node.max_dataset_bytes ({limit})")
-        syntax = event.context.transfer_syntax
-        if syntax == DeflatedExplicitVRLittleEndian:
-            # Before pynetdicom inflates it all at once; then the inflated bytes are checked
-            # like any other data set (explicit VR little endian under the deflate).
-            check_complete(check_inflated_size(raw, limit), False, True)
-        else:
-            check_complete(raw, syntax.is_implicit_VR, syntax.is_little_endian)
+        checking = rx.checker.submit(_checked, event, rx, st, raw, limit)
         try:
-            ds = event.dataset
-        except Exception as exc:
-            raise InvalidDatasetError(f"dataset cannot be decoded: {exc}") from exc
-        check_dataset(ds, event.request, rx.config.node.max_pixel_bytes,
-                      str(event.context.abstract_syntax))
-        meta = catalog.InstanceMeta(
-            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            sha256=hashlib.sha256(raw).hexdigest(), modality=_text(ds, "Modality", 16),
-            body_part=_text(ds, "BodyPartExamined"),
-            study_description=_text(ds, "StudyDescription"),
-            series_description=_text(ds, "SeriesDescription"),
-            image_type=_text(ds, "ImageType", 128), calling_ae=st.calling_ae,
-            called_ae=rx.config.node.ae_title, calling_host=st.host, association_id=st.id)
-        rx.store.check_space(len(raw))
-        # What event.encoded_dataset(include_meta=True) puts before the data set, without
-        # copying the data set twice more to build it.
-        header = PREAMBLE + encode_file_meta(event.file_meta)
-        stored = rx.store.write([header, raw])
+            stored = _write(rx, event.file_meta, raw)
+        except Exception:
+            checking.result()  # a refused data set is answered for that, as if checked first
+            raise
+        try:
+            meta = checking.result()
+        except BaseException:
+            _remove_refused(rx, stored.path)
+            raise
         stored_path = stored.path
         replace = rx.config.storage.duplicate_policy == "replace"
         try:

@@ -5,6 +5,7 @@ every failure answers its DESIGN §5 status and leaves nothing behind, and the n
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,8 +30,10 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy import select
 
+from node import scp
 from node.priority import ReceivingBeacon, beacon_path
 from node.status import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_TOO_MANY, Status
+from storage.files import FileStore
 from storage.models import Instance
 from tests.conftest import NODE_AE, RunningNode
 from tests.dicomgen import ct_series, write_all
@@ -258,6 +261,94 @@ def test_path_like_sop_instance_uid_is_0xC210_and_writes_nothing(node_service: N
     assert not [p for p in new if node.store.root not in p.parents]  # nothing outside the store
     assert not any(p.name.startswith("x") for p in every_file(tmp_path.parent))
     assert_still_serving(node)
+
+
+# -- the checks beside the write -------------------------------------------------------------
+
+
+def test_the_checks_run_while_the_file_is_written(node_service: NodeFactory,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker thread checks the data set while the handler writes its file: each check
+    here waits for a write to begin, which can only happen if the two run at once."""
+    node = node_service()
+    writing = threading.Event()
+    write = FileStore.write
+    check = scp.check_dataset
+
+    def write_then_wait(store: FileStore, *args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        return write(store, *args, **kwargs)
+
+    def check_once_writing(*args: Any, **kwargs: Any) -> None:
+        if not writing.wait(10):
+            raise AssertionError("no file was being written while the data set was checked")
+        check(*args, **kwargs)
+
+    monkeypatch.setattr(FileStore, "write", write_then_wait)
+    monkeypatch.setattr(scp, "check_dataset", check_once_writing)
+    series = ct_series(3, rows=16, cols=16)
+    for ds in series:
+        writing.clear()
+        assert send(node, ds) == [Status.SUCCESS]
+    assert set(node.instance_paths()) == {ds.SOPInstanceUID for ds in series}
+    assert_consistent(node)
+
+
+@pytest.mark.usefixtures("chunked_send")
+def test_a_refused_data_set_has_its_file_removed_once_written(
+        node_service: NodeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file of a data set the checks refuse is written all the same (beside the checks),
+    then removed before the answer: nothing stays in place or in the temporary folder."""
+    node = node_service()
+    written: list[str] = []
+    write = FileStore.write
+
+    def recorded(store: FileStore, *args: Any, **kwargs: Any) -> Any:
+        stored = write(store, *args, **kwargs)
+        written.append(stored.path)
+        return stored
+
+    monkeypatch.setattr(FileStore, "write", recorded)
+    (ds,) = ct_series(1, rows=16, cols=16)
+    command_uid = ds.SOPInstanceUID
+    del ds.StudyInstanceUID
+
+    assert send(node, raw_file(tmp_path, ds, command_uid=command_uid)) == [
+        Status.ERROR_CANNOT_UNDERSTAND]
+    assert len(written) == 1
+    assert not (node.store.root / written[0]).exists()
+    assert node.instance_count() == 0
+    assert node.files() == []
+    assert list(node.store.tmp.iterdir()) == []
+    assert_still_serving(node)
+
+
+@pytest.mark.usefixtures("chunked_send")
+def test_a_refused_data_set_is_answered_for_its_refusal_when_the_write_fails_too(
+        node_service: NodeFactory, tmp_path: Path) -> None:
+    """A data set that both fails its checks and cannot be written (below the free-disk floor)
+    is answered 0xC210, as when the checks came before the write, not 0xA700."""
+    node = node_service(storage={"min_free_mb": 10**9})
+    (ds,) = ct_series(1, rows=16, cols=16)
+    command_uid = ds.SOPInstanceUID
+    del ds.SOPInstanceUID
+
+    assert send(node, raw_file(tmp_path, ds, command_uid=command_uid)) == [
+        Status.ERROR_CANNOT_UNDERSTAND]
+    (good,) = ct_series(1, rows=16, cols=16)
+    assert send(node, good) == [Status.REFUSED_OUT_OF_RESOURCES]  # the floor still holds
+    assert node.instance_count() == 0
+    assert node.files() == []
+    assert list(node.store.tmp.iterdir()) == []
+
+
+def test_the_checker_threads_end_with_the_node(node_service: NodeFactory) -> None:
+    node = node_service()
+    assert send(node, *ct_series(2, rows=16, cols=16)) == [Status.SUCCESS] * 2
+    assert any(t.name.startswith("store-check") for t in threading.enumerate())
+
+    node.service.stop(grace_s=5)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("store-check")]
 
 
 # -- duplicates -------------------------------------------------------------------------------
