@@ -132,10 +132,10 @@ def instrument(timers: Timers) -> None:
     timers.wrap(files.FileStore, "write", "  - file store: write, rename, fsyncs")
     timers.wrap(files.os, "fsync", "    - of which the fsyncs of the file and its folder")
     timers.wrap(futures.Future, "result", "- waiting for the checker thread after the file")
-    timers.wrap_context(db.Database, "write", "- database: waiting for the write turn + transaction")
-    timers.wrap_context(db.Database, "_session", "  - of which the transaction (begin, statements, "
+    timers.wrap_context(db.Database, "write_connection",
+                        "- database: waiting for the write turn + transaction (begin, statements, "
                         "commit with its WAL fsync)")
-    timers.wrap(catalog, "record_instance", "    - of which the statements recording it")
+    timers.wrap(catalog, "record_instance", "  - of which the statements recording it")
     timers.wrap(scp, "_checked", CHECKER)
     timers.wrap_property(pynetdicom_events.Event, "dataset", "- data set decoding (lazy)")
     timers.wrap(scp, "check_complete", "- checks: complete data set")

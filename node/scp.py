@@ -295,11 +295,11 @@ def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
         stored_path = stored.path
         replace = rx.config.storage.duplicate_policy == "replace"
         try:
-            with rx.db.write() as s:
-                outcome, unused = catalog.record_instance(s, meta, stored, replace=replace)
+            with rx.db.write_connection() as conn:
+                outcome, unused = catalog.record_instance(conn, meta, stored, replace=replace)
         except IntegrityError:  # a concurrent association stored the same instance first
-            with rx.db.write() as s:
-                outcome, unused = catalog.record_instance(s, meta, stored, replace=replace)
+            with rx.db.write_connection() as conn:
+                outcome, unused = catalog.record_instance(conn, meta, stored, replace=replace)
         stored_path = None  # committed: the file belongs to the database now
         crash_point("scp.after_commit")
         if unused:

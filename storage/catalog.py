@@ -130,7 +130,7 @@ def _series_id(conn: Connection, study_id: int, m: InstanceMeta) -> int:
     return series_id
 
 
-def record_instance(s: Session, m: InstanceMeta, stored: StoredFile,
+def record_instance(s: Session | Connection, m: InstanceMeta, stored: StoredFile,
                     replace: bool = False) -> tuple[Recorded, str | None]:
     """Insert the rows for a durable file.
 
@@ -138,7 +138,7 @@ def record_instance(s: Session, m: InstanceMeta, stored: StoredFile,
     kept, or the file a replacement displaced), its relative path for the caller to remove
     after the commit.
     """
-    conn = s.connection()
+    conn = s.connection() if isinstance(s, Session) else s
     existing = conn.execute(_FIND, {"b_sop": m.sop_instance_uid}).first()
     now = clock.now()
     if existing is not None:

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
+from sqlalchemy import Connection
+from sqlalchemy.engine import RootTransaction
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -154,22 +156,26 @@ def lost_after_commit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The first C-STORE's COMMIT takes effect, then raises as a PostgreSQL connection lost
     while the server answered would; the list gets the SOP Instance UID it happened to."""
     hit: list[str] = []
-    record, commit = catalog.record_instance, Session.commit
+    armed: set[Connection] = set()
+    record, commit = catalog.record_instance, RootTransaction.commit
 
-    def record_and_arm(s: Session, meta: catalog.InstanceMeta, *args: Any, **kwargs: Any) -> Any:
+    def record_and_arm(s: Session | Connection, meta: catalog.InstanceMeta, *args: Any,
+                       **kwargs: Any) -> Any:
         if not hit:
             hit.append(meta.sop_instance_uid)
-            s.info["lose_after_commit"] = True
+            armed.add(s.connection() if isinstance(s, Session) else s)
         return record(s, meta, *args, **kwargs)
 
-    def commit_then_lose(self: Session) -> None:
+    def commit_then_lose(self: RootTransaction) -> None:
+        lose = self.connection in armed
+        armed.discard(self.connection)
         commit(self)
-        if self.info.pop("lose_after_commit", False):
+        if lose:
             raise OperationalError("COMMIT", None,
                                    Exception("server closed the connection unexpectedly"))
 
     monkeypatch.setattr(catalog, "record_instance", record_and_arm)
-    monkeypatch.setattr(Session, "commit", commit_then_lose)
+    monkeypatch.setattr(RootTransaction, "commit", commit_then_lose)
     return hit
 
 
