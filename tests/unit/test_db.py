@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import Connection, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import Database
@@ -151,6 +152,64 @@ def test_write_session_rolls_back_on_error(db: Database) -> None:
         s.flush()
         raise RuntimeError("halfway")
     assert count_studies(db) == 0
+
+
+def insert_study(conn: Connection, uid: str) -> None:
+    conn.execute(insert(Study).values(study_instance_uid=uid, first_received_at=T0,
+                                      last_received_at=T0))
+
+
+def test_write_connection_commits_on_success_and_rolls_back_on_error(db: Database) -> None:
+    with db.write_connection() as conn:
+        insert_study(conn, "8.1")
+    with pytest.raises(RuntimeError, match="halfway"), db.write_connection() as conn:
+        insert_study(conn, "8.2")
+        raise RuntimeError("halfway")
+    with db.read() as s:
+        assert s.execute(select(Study.study_instance_uid)).scalars().all() == ["8.1"]
+
+
+def test_write_connection_on_a_held_write_lock_is_database_unavailable(
+        pair: tuple[Database, Database]) -> None:
+    """As ``write()``: it fails at BEGIN after the busy timeout, and nothing it did stays."""
+    first, second = pair
+    with first.write() as holder:
+        holder.add(study())
+        holder.flush()
+        with (pytest.raises(DatabaseUnavailableError, match="database unavailable.*locked")
+              as info, second.write_connection() as conn):
+            insert_study(conn, "9.9.9")
+        assert info.value.maybe_committed is False
+    assert count_studies(first) == 1
+    with second.write_connection() as conn:  # once the lock is free the second writer gets it
+        insert_study(conn, "9.9.9")
+    assert count_studies(second) == 2
+
+
+def test_write_connection_waits_for_this_processes_write_turn(
+        pair: tuple[Database, Database]) -> None:
+    """On SQLite, a writer of this process queues on the process's write turn (held here by
+    another thread's ``write()``) before it meets SQLite's own lock."""
+    first, _ = pair
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with first.write() as s:
+            s.add(study("6.1"))
+            holding.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        with (pytest.raises(DatabaseUnavailableError, match="no write turn within 200 ms"),
+              first.write_connection() as conn):
+            insert_study(conn, "6.2")
+    finally:
+        done.set()
+        holder.join(10)
+    assert count_studies(first) == 1
 
 
 def test_postgresql_row_lock_held_past_the_timeout_is_database_unavailable(
