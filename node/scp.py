@@ -14,9 +14,10 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -44,6 +45,8 @@ from storage.faults import crash_point
 from storage.files import FileStore, StoredFile
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix before the file meta
 
@@ -117,6 +120,19 @@ class Receiver:
         self.checker.shutdown(wait=True)
         if self.beacon is not None:
             self.beacon.close()
+
+    def beside(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """``fn(*args)`` in a checker thread; here and now once ``close()`` ended them (an
+        association that outlived the stop's grace period goes on storing)."""
+        try:
+            return self.checker.submit(fn, *args)
+        except RuntimeError:  # cannot schedule new futures after shutdown
+            done: Future[T] = Future()
+            try:
+                done.set_result(fn(*args))
+            except Exception as exc:  # noqa: BLE001 - handed over as the pool would
+                done.set_exception(exc)
+            return done
 
     # -- association events --------------------------------------------------------------
 
@@ -281,7 +297,7 @@ def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
         limit = rx.config.node.max_dataset_bytes
         if len(raw) > limit:
             raise DatasetTooLargeError(f"dataset is larger than node.max_dataset_bytes ({limit})")
-        checking = rx.checker.submit(_checked, event, rx, st, raw, limit)
+        checking = rx.beside(_checked, event, rx, st, raw, limit)
         try:
             stored = _write(rx, event.file_meta, raw)
         except Exception:

@@ -351,6 +351,20 @@ def test_the_checker_threads_end_with_the_node(node_service: NodeFactory) -> Non
     assert not [t.name for t in threading.enumerate() if t.name.startswith("store-check")]
 
 
+def test_an_association_that_outlives_the_checker_threads_goes_on_storing(
+        node_service: NodeFactory) -> None:
+    """``Service.stop`` ends the checker threads once its grace period is over; an association
+    still open then has its data sets checked in its own thread, and stored as before."""
+    node = node_service()
+    first, second = ct_series(2, rows=16, cols=16)
+    with association(node) as (assoc, _):
+        assert int(assoc.send_c_store(first).Status) == Status.SUCCESS
+        node.service.receiver.close()
+        assert int(assoc.send_c_store(second).Status) == Status.SUCCESS
+    assert set(node.instance_paths()) == {first.SOPInstanceUID, second.SOPInstanceUID}
+    assert_consistent(node)
+
+
 # -- duplicates -------------------------------------------------------------------------------
 
 
