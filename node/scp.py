@@ -281,13 +281,6 @@ def _write(rx: Receiver, file_meta: Any, raw: bytes) -> StoredFile:
     return rx.store.write([PREAMBLE + encode_file_meta(file_meta), raw])
 
 
-def _remove_refused(rx: Receiver, path: str) -> None:
-    try:
-        rx.store.remove(path)
-    except OSError:  # no row names it: it is swept at the next start
-        log.warning("could not remove the refused data set's file %s", path)
-
-
 def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
     started = time.perf_counter()
     st = rx.stats(event.assoc)
@@ -303,12 +296,8 @@ def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
         except Exception:
             checking.result()  # a refused data set is answered for that, as if checked first
             raise
-        try:
-            meta = checking.result()
-        except BaseException:
-            _remove_refused(rx, stored.path)
-            raise
-        stored_path = stored.path
+        stored_path = stored.path  # removed below if the checks refuse the data set
+        meta = checking.result()
         replace = rx.config.storage.duplicate_policy == "replace"
         try:
             with rx.db.write_connection() as conn:
@@ -326,7 +315,10 @@ def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
     except Exception as exc:
         if stored_path is not None and not catalog.keep_after_failure(rx.db, exc,
                                                                       [stored_path]):
-            rx.store.remove(stored_path)
+            try:
+                rx.store.remove(stored_path)
+            except OSError:  # no row names it: it is swept at the next start
+                log.warning("could not remove the unrecorded file %s", stored_path)
         status = status_for(exc)
         st.failed += 1
         rx.metrics.instances_received.labels("failed").inc()

@@ -41,6 +41,13 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
     return on_connect
 
 
+def _unavailable(exc: OperationalError, committing: bool) -> DatabaseUnavailableError:
+    """What the callers see of a failed statement, BEGIN or COMMIT (``committing``: the COMMIT
+    was sent, so it may have taken effect)."""
+    return DatabaseUnavailableError(f"database unavailable: {exc.orig}",
+                                    maybe_committed=committing)
+
+
 class Database:
     """One engine and its session factory; ``write()`` for writers, ``read()`` for readers."""
 
@@ -114,8 +121,7 @@ class Database:
                             transaction.rollback()
                         raise
             except OperationalError as exc:
-                raise DatabaseUnavailableError(f"database unavailable: {exc.orig}",
-                                               maybe_committed=committing) from exc
+                raise _unavailable(exc, committing) from exc
 
     @contextmanager
     def _write_turn(self) -> Iterator[None]:
@@ -155,8 +161,7 @@ class Database:
             # a reader just closes: the transaction ends, loaded objects stay readable
         except OperationalError as exc:
             session.rollback()
-            raise DatabaseUnavailableError(f"database unavailable: {exc.orig}",
-                                           maybe_committed=committing) from exc
+            raise _unavailable(exc, committing) from exc
         except BaseException:
             session.rollback()
             raise
