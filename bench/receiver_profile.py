@@ -50,6 +50,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 HANDLER = "the C-STORE handler, in all"
 CHECKER = "the checker thread, beside the file: checks, decoding, hash"
+TRANSACTION = "  - transactions: the write turn, begin, statements, commit with its WAL fsync"
 #: Steps timed on their own, not only inside another: the handler, and the checker thread's part.
 ROOTS = (HANDLER, CHECKER)
 
@@ -62,6 +63,7 @@ class Timers:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.calls: dict[str, int] = collections.defaultdict(int)
         self.names: list[str] = []
         self._local = threading.local()
 
@@ -77,6 +79,7 @@ class Timers:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - started
+            self.calls[name] += 1
             self._local.inside = inside
 
     def wrap(self, owner: Any, attr: str, name: str) -> None:
@@ -132,10 +135,11 @@ def instrument(timers: Timers) -> None:
     timers.wrap(files.FileStore, "write", "  - file store: write, rename, fsyncs")
     timers.wrap(files.os, "fsync", "    - of which the fsyncs of the file and its folder")
     timers.wrap(futures.Future, "result", "- waiting for the checker thread after the file")
-    timers.wrap_context(db.Database, "write_connection",
-                        "- database: waiting for the write turn + transaction (begin, statements, "
-                        "commit with its WAL fsync)")
-    timers.wrap(catalog, "record_instance", "  - of which the statements recording it")
+    timers.wrap(catalog.GroupRecorder, "record",
+                "- database: the row committed (waiting for another association's group or the "
+                "write turn, then the transaction)")
+    timers.wrap_context(db.Database, "write_connection", TRANSACTION)
+    timers.wrap(catalog, "record_instances", "    - of which the statements")
     timers.wrap(scp, "_checked", CHECKER)
     timers.wrap_property(pynetdicom_events.Event, "dataset", "- data set decoding (lazy)")
     timers.wrap(scp, "check_complete", "- checks: complete data set")
@@ -255,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {HANDLER} | {handler:.2f} |")
     for name in timers.names[1:]:
         print(f"| {name} | {per.get(name, 0.0):.2f} |")
+    transactions = timers.calls.get(TRANSACTION, 0)
+    print()
+    print(f"{transactions} receiver transactions for {n} instances "
+          f"({n / max(transactions, 1):.2f} instances per transaction)")
     print()
     print("| thread | CPU ms per instance |")
     print("|---|---|")
@@ -265,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"instances": n, "associations": args.associations,
                           "images_per_s": n / seconds, "wall_ms": wall, "handler_ms": handler,
-                          "steps_ms": per, "thread_cpu_ms": threads}, indent=2))
+                          "steps_ms": per, "thread_cpu_ms": threads,
+                          "transactions": transactions}, indent=2))
     return 0
 
 

@@ -32,6 +32,10 @@ class Metrics:
         self.store_seconds = Histogram(
             "aidnode_store_seconds", "Time to store one instance durably (C-STORE handler)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5), registry=r)
+        self.store_group_instances = Histogram(
+            "aidnode_store_group_instances", "Instances recorded per write transaction by the "
+            "receiver (concurrent associations share one: a group commit)",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.associations = Counter(
             "aidnode_associations", "Associations, by outcome", ["outcome"], registry=r)
         self.queue_depth = Gauge(

@@ -24,7 +24,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy.exc import IntegrityError
 
 from node import pacing, priority
 from node.config import Config, PeerConfig
@@ -103,8 +102,14 @@ class Receiver:
     #: interpreter's lock. At most one thread per association (an association has one C-STORE
     #: in flight), each made when first needed.
     checker: ThreadPoolExecutor = field(init=False)
+    #: Records the rows; the handlers waiting for the database at the same time share one
+    #: transaction (``catalog.GroupRecorder``).
+    recorder: catalog.GroupRecorder = field(init=False)
 
     def __post_init__(self) -> None:
+        self.recorder = catalog.GroupRecorder(
+            self.db, replace=self.config.storage.duplicate_policy == "replace",
+            on_commit=self.metrics.store_group_instances.observe)
         self.checker = ThreadPoolExecutor(max_workers=self.config.node.max_associations,
                                           thread_name_prefix="store-check")
         if self.beacon is None and self.config.inference.scheduling == "adaptive":
@@ -298,13 +303,7 @@ def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
             raise
         stored_path = stored.path  # removed below if the checks refuse the data set
         meta = checking.result()
-        replace = rx.config.storage.duplicate_policy == "replace"
-        try:
-            with rx.db.write_connection() as conn:
-                outcome, unused = catalog.record_instance(conn, meta, stored, replace=replace)
-        except IntegrityError:  # a concurrent association stored the same instance first
-            with rx.db.write_connection() as conn:
-                outcome, unused = catalog.record_instance(conn, meta, stored, replace=replace)
+        outcome, unused = rx.recorder.record(meta, stored)
         stored_path = None  # committed: the file belongs to the database now
         crash_point("scp.after_commit")
         if unused:

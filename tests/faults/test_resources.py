@@ -157,14 +157,14 @@ def lost_after_commit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     while the server answered would; the list gets the SOP Instance UID it happened to."""
     hit: list[str] = []
     armed: set[Connection] = set()
-    record, commit = catalog.record_instance, RootTransaction.commit
+    record, commit = catalog.record_instances, RootTransaction.commit
 
-    def record_and_arm(s: Session | Connection, meta: catalog.InstanceMeta, *args: Any,
-                       **kwargs: Any) -> Any:
+    def record_and_arm(s: Session | Connection, items: list[tuple[catalog.InstanceMeta, Any]],
+                       *args: Any, **kwargs: Any) -> Any:
         if not hit:
-            hit.append(meta.sop_instance_uid)
+            hit.append(items[0][0].sop_instance_uid)
             armed.add(s.connection() if isinstance(s, Session) else s)
-        return record(s, meta, *args, **kwargs)
+        return record(s, items, *args, **kwargs)
 
     def commit_then_lose(self: RootTransaction) -> None:
         lose = self.connection in armed
@@ -174,7 +174,7 @@ def lost_after_commit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise OperationalError("COMMIT", None,
                                    Exception("server closed the connection unexpectedly"))
 
-    monkeypatch.setattr(catalog, "record_instance", record_and_arm)
+    monkeypatch.setattr(catalog, "record_instances", record_and_arm)
     monkeypatch.setattr(RootTransaction, "commit", commit_then_lose)
     return hit
 
