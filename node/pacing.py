@@ -1,35 +1,44 @@
-"""Shorter reactor polls while an association is streaming instances to us.
+"""pynetdicom's reactors woken by what they wait for, instead of polling every millisecond.
 
 pynetdicom runs two threads per association, and both poll: the association's reactor sleeps
 1 ms before every look at its DIMSE queue, and the DUL sleeps 1 ms (its ``_run_loop_delay``)
 whenever a pass found nothing to do. One received instance waits on those polls several times
 (the DUL noticing the next command, the reactor noticing the complete message, the DUL noticing
-the response to send): with a pynetdicom SCP that stores nothing, 300 CT instances went at
-300 images/s with 1 ms polls and at 430 with 0.5 ms ones (a variant of ``bench/nullscp.py``; its
-``--paced`` run in ``bench/ingest.py`` measures this module: 302 -> 434 images/s).
+the response to send), and with many associations the polls themselves cost: eight streaming
+associations are sixteen threads each taking the interpreter a thousand times a second.
 
 ``install()`` gives pynetdicom's ``association`` and ``dul`` modules a ``time`` whose
-``sleep(0.001)`` is shorter while the calling thread's association has had a C-STORE within
-the last ``BUSY_WINDOW_S``; idle associations keep the 1 ms polls and so their idle cost. While
-the association's handler runs, its DUL thread does not poll at all: it waits for the handler's
-end (``storing``), so that the response goes out as soon as it is ready and the handler keeps
-the interpreter. The shorter delay grows with the number of streaming associations, because
-under the GIL many fast pollers would take the interpreter from the handlers doing the work:
-from four at once on, every association polls at pynetdicom's own 1 ms. Every other sleep
-passes through unchanged.
+``sleep(0.001)`` waits for the event the thread is waiting for, with a timeout:
+
+- the association's reactor waits until something is put on its DIMSE message queue or on its
+  DUL's queue to the user (a complete message, a release or abort request), at most
+  ``REACTOR_WAIT_S``;
+- while a C-STORE handler runs (``storing``) and until its response is queued for sending, the
+  association's DUL waits for that response, at most ``REACTOR_WAIT_S``;
+- otherwise the DUL waits until its socket has data, at most pynetdicom's 1 ms (something
+  queued for sending is looked at within that millisecond, as before; it goes at once when it
+  is already there).
+
+The waits are woken by ``put`` on those queues, wrapped for each association the first time its
+threads wait; nothing is missed for longer than a timeout, so a wake-up this does not see (a
+pynetdicom that puts elsewhere) costs latency, never a hang. Every other sleep passes through
+unchanged.
 
 This reaches into pynetdicom's modules; ``install()`` does nothing unless the version is one
 this was measured with (tests/unit/test_pacing.py checks that the reactors still poll with
-``time.sleep(0.001)``), and ``node.adaptive_polling = false`` turns it off.
+``time.sleep(0.001)`` and still use these queues), and ``node.adaptive_polling = false`` turns
+it off.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import select
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,74 +51,130 @@ log = logging.getLogger(__name__)
 
 #: The delay pynetdicom's reactors poll with (a literal in its association reactor).
 REACTOR_DELAY_S = 0.001
-#: The delay while one association streams; n streaming associations poll at n times this.
-BUSY_DELAY_S = 0.00025
-#: How long after its last C-STORE an association counts as streaming.
-BUSY_WINDOW_S = 0.05
+#: The longest a reactor waits for a wake-up before it looks anyway.
+REACTOR_WAIT_S = 0.01
+#: The longest the DUL waits for its socket outside a handler: pynetdicom's own delay, since
+#: what is queued for sending meanwhile does not wake it.
+SOCKET_WAIT_S = REACTOR_DELAY_S
 #: pynetdicom versions whose reactors were read and measured with this module.
 TESTED_VERSIONS = ("3.0.",)
 
 
 @dataclass
 class _State:
-    last_store: float = 0.0  # monotonic time a C-STORE last started or ended
-    in_handler: bool = False
-    handler_done: threading.Event = field(default_factory=threading.Event)
+    """One association's wake-ups."""
+
+    #: A C-STORE handler started and its response is not queued yet.
+    awaiting_response: bool = False
+    response_queued: threading.Event = field(default_factory=threading.Event)
+    #: Set by a put on the reactor's queues; None until they are wrapped.
+    message: threading.Event | None = None
+    sends_wrapped: bool = False
 
 
 _states: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
+def _state(assoc: Any) -> _State:
+    """``assoc``'s state, made on first use; TypeError if it cannot be weakly referenced."""
+    with _lock:
+        st = _states.get(assoc)
+        if st is None:
+            st = _states[assoc] = _State()
+        return st
+
+
+def _wake_on_put(q: queue.Queue[Any], wake: Callable[[], None]) -> None:
+    """Call ``wake()`` after every put on ``q`` (``put_nowait`` goes through ``put``)."""
+    put = q.put
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        wake()
+
+    q.put = put_and_wake  # type: ignore[method-assign]
+
+
+def _wrap_sends(assoc: Any, st: _State) -> None:
+    """A put on the DUL's queue to the peer ends the wait for a response."""
+    with _lock:
+        if st.sends_wrapped:
+            return
+        st.sends_wrapped = True
+    q = getattr(getattr(assoc, "dul", None), "to_provider_queue", None)
+    if not isinstance(q, queue.Queue):
+        return
+
+    def queued() -> None:
+        st.awaiting_response = False
+        st.response_queued.set()
+
+    _wake_on_put(q, queued)
+
+
 @contextmanager
 def storing(assoc: Any) -> Iterator[None]:
-    """Around the SCP's C-STORE handler: ``assoc`` streams, and its handler is running.
-
-    While the handler runs the DUL has nothing to send, so it waits for the handler's end (or
-    1 ms) instead of polling, and leaves the interpreter to the handler.
-    """
+    """Around the SCP's C-STORE handler: until the response is queued, ``assoc``'s DUL has
+    nothing to do but wait for it, and it leaves the interpreter to the handler."""
     try:
-        with _lock:
-            st = _states.get(assoc)
-            if st is None:
-                st = _states[assoc] = _State()
-            st.last_store, st.in_handler = time.monotonic(), True
+        st = _state(assoc)
     except TypeError:  # cannot be weakly referenced, so not a pynetdicom Association: not paced
         yield
         return
+    _wrap_sends(assoc, st)
+    st.awaiting_response = True
+    yield
+
+
+def _reactor_wait(assoc: Any) -> None:
+    """The association's own reactor: until a message or request is queued for it."""
+    st = _state(assoc)
+    if st.message is None:
+        message = threading.Event()
+        for q in (assoc.dimse.msg_queue, assoc.dul.to_user_queue):
+            _wake_on_put(q, message.set)
+        st.message = message
+        return  # look at once: something may have been put before the queues were wrapped
+    st.message.wait(REACTOR_WAIT_S)
+    st.message.clear()  # before the reactor looks: a put after this sets it again
+
+
+def _dul_wait(assoc: Any) -> None:
+    """The association's DUL: for the response while a handler runs, else for the socket."""
+    st = _states.get(assoc)
+    if st is not None:
+        st.response_queued.clear()  # before the check: a response queued after it sets it
+        if st.awaiting_response:
+            st.response_queued.wait(REACTOR_WAIT_S)
+            return
+    dul = assoc.dul
+    if not dul.to_provider_queue.empty():
+        return
+    sock = getattr(getattr(dul, "socket", None), "socket", None)
+    if sock is None:
+        time.sleep(REACTOR_DELAY_S)
+        return
     try:
-        yield
-    finally:
-        st.last_store, st.in_handler = time.monotonic(), False
-        st.handler_done.set()
-
-
-def poll_delay(assoc: Any, now: float | None = None) -> float:
-    """The delay ``assoc``'s reactor threads poll with now (outside its handler)."""
-    now = time.monotonic() if now is None else now
-    with _lock:
-        st = _states.get(assoc)
-        if st is None or now - st.last_store > BUSY_WINDOW_S:
-            return REACTOR_DELAY_S
-        busy = sum(1 for s in _states.values() if now - s.last_store <= BUSY_WINDOW_S)
-    return min(REACTOR_DELAY_S, BUSY_DELAY_S * busy)
+        select.select([sock], [], [], SOCKET_WAIT_S)
+    except (OSError, ValueError):  # closed meanwhile: the DUL's own look reports it
+        time.sleep(REACTOR_DELAY_S)
 
 
 def _reactor_sleep() -> None:
     thread = threading.current_thread()
-    assoc = getattr(thread, "assoc", None)  # the DUL's thread; None: the association's own
-    key = thread if assoc is None else assoc
-    st = _states.get(key)
-    if st is None or (not st.in_handler
-                      and time.monotonic() - st.last_store > BUSY_WINDOW_S):
-        time.sleep(REACTOR_DELAY_S)  # idle, or not an association we serve: pynetdicom's poll
-        return
-    if assoc is not None:
-        st.handler_done.clear()  # before the check: a handler ending after it sets it again
-        if st.in_handler:
-            st.handler_done.wait(REACTOR_DELAY_S)
+    dul_of = getattr(thread, "assoc", None)  # the DUL's thread has its association
+    try:
+        if dul_of is not None:
+            _dul_wait(dul_of)
             return
-    time.sleep(poll_delay(key))
+        if (getattr(thread, "dimse", None) is not None and getattr(thread, "dul", None)
+                is not None and not getattr(thread, "_kill", True)):
+            _reactor_wait(thread)  # an Association is its own reactor thread
+            return
+    except TypeError:  # not weakly referenceable: not a pynetdicom association
+        pass
+    time.sleep(REACTOR_DELAY_S)  # anything else (a DUL being stopped): pynetdicom's poll
 
 
 class _PacedTime:

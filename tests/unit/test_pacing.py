@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import queue
+import socket
 import threading
 import time
 import types
@@ -14,16 +16,13 @@ from typing import Any
 import pynetdicom
 import pytest
 from pynetdicom import association as pn_association
+from pynetdicom import dimse as pn_dimse
 from pynetdicom import dul as pn_dul
 
 from node import pacing
 from tests.conftest import RunningNode
 from tests.dicomgen import ct_series, write_all
 from tests.peers import storescu
-
-
-class Assoc:
-    """Stands in for a pynetdicom Association (weakly referenced, like the real one)."""
 
 
 class FakeTime:
@@ -81,87 +80,128 @@ def test_pynetdicom_reactors_still_poll_as_this_module_expects() -> None:
     assert "self._run_loop_delay = 0.001" in inspect.getsource(pn_dul.DULServiceProvider.__init__)
     assert pacing.REACTOR_DELAY_S == 0.001
     assert "assoc" in dict(inspect.getmembers(pn_dul.DULServiceProvider))  # how a DUL finds it
+    # The queues whose puts wake the waits.
+    assert "self.dimse.get_msg(block=False)" in inspect.getsource(
+        pn_association.Association._run_reactor)
+    assert "self.msg_queue.put(" in inspect.getsource(
+        pn_dimse.DIMSEServiceProvider.receive_primitive)
+    assert "self.to_provider_queue.put(primitive)" in inspect.getsource(
+        pn_dul.DULServiceProvider.send_pdu)
+    assert "self.to_user_queue" in inspect.getsource(pn_dul.DULServiceProvider.receive_pdu)
 
 
-def test_idle_and_unknown_associations_keep_the_one_millisecond_poll() -> None:
-    a = Assoc()
-    assert pacing.poll_delay(a) == pacing.REACTOR_DELAY_S
-    with pacing.storing(a):
-        pass
-    assert pacing.poll_delay(a) == pacing.BUSY_DELAY_S
-    later = time.monotonic() + pacing.BUSY_WINDOW_S + 0.01
-    assert pacing.poll_delay(a, now=later) == pacing.REACTOR_DELAY_S
+@pytest.fixture
+def long_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timeouts no test waits out: a wait that ends was woken."""
+    monkeypatch.setattr(pacing, "REACTOR_WAIT_S", 30.0)
+    monkeypatch.setattr(pacing, "SOCKET_WAIT_S", 30.0)
 
 
-def test_the_busy_delay_grows_with_the_streaming_associations() -> None:
-    streaming = [Assoc() for _ in range(6)]
-    for n, a in enumerate(streaming, 1):
-        with pacing.storing(a):
-            pass
-        expected = min(pacing.REACTOR_DELAY_S, pacing.BUSY_DELAY_S * n)
-        assert pacing.poll_delay(streaming[0]) == pytest.approx(expected)
-    assert pacing.poll_delay(streaming[0]) == pacing.REACTOR_DELAY_S  # 6 at once: pynetdicom's
+class FakeAssociation(threading.Thread):
+    """Stands in for a pynetdicom Association: its own reactor thread, which polls with
+    ``time.sleep(0.001)`` until killed, with the queues pacing wraps and its DUL's socket."""
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        super().__init__(daemon=True)
+        self._kill = False
+        self.dimse = types.SimpleNamespace(msg_queue=queue.Queue())
+        self.dul = types.SimpleNamespace(to_user_queue=queue.Queue(),
+                                         to_provider_queue=queue.Queue(),
+                                         socket=types.SimpleNamespace(socket=sock))
+        self.passes = 0
+        self._passed = threading.Condition()
+
+    def run(self) -> None:
+        while not self._kill:
+            pacing._PacedTime.sleep(0.001)
+            with self._passed:
+                self.passes += 1
+                self._passed.notify_all()
+
+    def passed(self, n: int, timeout: float) -> bool:
+        """Whether the reactor has ended ``n`` waits within ``timeout`` seconds."""
+        with self._passed:
+            return self._passed.wait_for(lambda: self.passes >= n, timeout)
+
+    def stop(self) -> None:
+        self._kill = True
+        self.dimse.msg_queue.put(None)
+        self.join(10)
+        assert not self.is_alive()
 
 
-def test_a_streaming_associations_threads_sleep_the_busy_delay(fake_time: FakeTime) -> None:
-    a = Assoc()
-    with pacing.storing(a):
-        pass
-    run_in_thread(lambda: pacing._PacedTime.sleep(0.001), dul_of=a)  # its DUL
-    assert fake_time.slept == [pacing.BUSY_DELAY_S]
+class DULWaiter:
+    """One ``pacing._PacedTime.sleep(0.001)`` on a thread like ``assoc``'s DUL; ``done`` is
+    set when it returns."""
 
+    def __init__(self, assoc: FakeAssociation) -> None:
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.assoc = assoc  # type: ignore[attr-defined]
+        self.thread.start()
 
-def test_the_association_thread_itself_is_found_by_identity(fake_time: FakeTime) -> None:
-    """The Association is its own reactor thread (no ``.assoc``): the thread is looked up."""
-    association = threading.Thread(target=lambda: pacing._PacedTime.sleep(0.001))
-    with pacing.storing(association):
-        pass
-    association.start()
-    association.join(10)
-    assert fake_time.slept == [pacing.BUSY_DELAY_S]
-
-
-def test_while_the_handler_runs_the_dul_waits_for_its_end(fake_time: FakeTime) -> None:
-    a = Assoc()
-    returned = threading.Event()
-
-    def dul_poll() -> None:
+    def _run(self) -> None:
         pacing._PacedTime.sleep(0.001)
-        returned.set()
+        self.done.set()
 
+    def join(self) -> None:
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+def test_the_reactor_is_woken_by_a_message_or_a_request(long_waits: None) -> None:
+    a = FakeAssociation()
+    a.start()
+    try:
+        assert a.passed(1, 10)  # the first pass wraps the queues and looks at once
+        assert not a.passed(2, 0.05)  # nothing queued: it waits
+        a.dimse.msg_queue.put((1, "C-STORE-RQ"))
+        assert a.passed(2, 10)
+        assert not a.passed(3, 0.05)
+        a.dul.to_user_queue.put_nowait("A-RELEASE-RQ")  # put_nowait goes through put
+        assert a.passed(3, 10)
+    finally:
+        a.stop()
+
+
+def test_while_a_handler_runs_the_dul_waits_for_the_response(long_waits: None) -> None:
+    a = FakeAssociation()
     with pacing.storing(a):
-        thread = threading.Thread(target=dul_poll)
-        thread.assoc = a  # type: ignore[attr-defined]
-        thread.start()
-        # It waits on the handler's end (at most 1 ms a time): no sleep was asked for.
-        assert returned.wait(5)
-        assert fake_time.slept == []
-    thread.join(5)
-    # The handler ended: the DUL polls the busy delay again until the next one.
-    run_in_thread(lambda: pacing._PacedTime.sleep(0.001), dul_of=a)
-    assert fake_time.slept == [pacing.BUSY_DELAY_S]
+        dul = DULWaiter(a)
+        assert not dul.done.wait(0.05)  # no response yet: it does not look
+    assert not dul.done.wait(0.05)  # the handler returned; pynetdicom queues the response next
+    a.dul.to_provider_queue.put("C-STORE-RSP")
+    assert dul.done.wait(10)
+    dul.join()
+    assert not pacing._states[a].awaiting_response
 
 
-def test_a_handler_ending_wakes_a_waiting_dul() -> None:
-    a = Assoc()
-    with pacing.storing(a):
-        pass
-    st = pacing._states[a]
-    st.in_handler = True
-    woke = threading.Event()
+def test_outside_a_handler_the_dul_waits_for_its_socket(long_waits: None) -> None:
+    ours, peer = socket.socketpair()
+    try:
+        a = FakeAssociation(ours)
+        dul = DULWaiter(a)
+        assert not dul.done.wait(0.05)
+        peer.sendall(b"\x04")  # the next PDU arrives
+        assert dul.done.wait(10)
+        dul.join()
+        a.dul.to_provider_queue.put("A-RELEASE-RP")  # already queued: no wait at all
+        DULWaiter(a).join()
+    finally:
+        ours.close()
+        peer.close()
 
-    def dul_poll() -> None:
-        st.handler_done.clear()
-        st.handler_done.wait(30)  # what _reactor_sleep does, with a long timeout to tell
-        woke.set()
 
-    thread = threading.Thread(target=dul_poll)
-    thread.start()
-    assert not woke.wait(0.05)
-    with pacing.storing(a):
-        pass
-    assert woke.wait(5)
-    thread.join(5)
+def test_a_stopping_association_and_other_threads_keep_the_one_millisecond_poll(
+        fake_time: FakeTime) -> None:
+    a = FakeAssociation()
+    a._kill = True  # kill(): its reactor thread waits for the DUL to stop
+    a.run = lambda: pacing._PacedTime.sleep(0.001)  # type: ignore[method-assign]
+    a.start()
+    a.join(10)
+    run_in_thread(lambda: pacing._PacedTime.sleep(0.001))  # no association at all
+    assert fake_time.slept == [pacing.REACTOR_DELAY_S] * 2
+    assert a not in pacing._states
 
 
 def test_an_association_that_cannot_be_weakly_referenced_is_served_unpaced() -> None:
@@ -176,7 +216,7 @@ def test_an_association_that_cannot_be_weakly_referenced_is_served_unpaced() -> 
 
 
 def test_other_sleeps_pass_through(fake_time: FakeTime) -> None:
-    a = Assoc()
+    a = FakeAssociation()
     with pacing.storing(a):
         pass
     run_in_thread(lambda: pacing._PacedTime.sleep(0.0001), dul_of=a)
@@ -214,7 +254,7 @@ def test_receiving_with_and_without_pacing(
         node_service: Callable[..., RunningNode], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         restore_pacing: None, adaptive: bool) -> None:
     """Real associations: every instance is stored either way, the switch decides whether the
-    reactors are paced, and with pacing the real DUL thread waited on the handler's end."""
+    reactors are paced, and with pacing the real DUL thread waited for the responses."""
     waits: list[float] = []
 
     class CountingEvent(threading.Event):
@@ -224,7 +264,7 @@ def test_receiving_with_and_without_pacing(
 
     @dataclass
     class CountingState(pacing._State):
-        handler_done: threading.Event = field(default_factory=CountingEvent)
+        response_queued: threading.Event = field(default_factory=CountingEvent)
 
     monkeypatch.setattr(pacing, "_State", CountingState)
     node = node_service(node={"adaptive_polling": adaptive}, rules=[])
@@ -234,6 +274,6 @@ def test_receiving_with_and_without_pacing(
     assert done.returncode == 0, done.stderr
     assert node.instance_count() == 20
     if adaptive:
-        assert waits and all(t == pacing.REACTOR_DELAY_S for t in waits)
+        assert waits and all(t == pacing.REACTOR_WAIT_S for t in waits)
     else:
         assert waits == []
