@@ -12,12 +12,8 @@ receivers, workers and senders on several machines can share one database.
 
 from __future__ import annotations
 
-import fcntl
-import logging
-import os
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +26,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.errors import DatabaseUnavailableError, SchemaOutOfDateError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-#: The write turn's file beside a SQLite database: ``aidnode.db`` -> ``aidnode.db-turn``.
-TURN_SUFFIX = "-turn"
-#: The longest sleep between two tries for another process's write turn.
-TURN_POLL_MAX_S = 0.001
-
-log = logging.getLogger(__name__)
 
 
 def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
@@ -58,23 +48,6 @@ def _unavailable(exc: OperationalError, committing: bool) -> DatabaseUnavailable
                                     maybe_committed=committing)
 
 
-def _lock_file(fd: int, deadline: float) -> bool:
-    """flock ``fd`` exclusively by ``deadline`` (monotonic); whether it was taken. Polled:
-    a blocking flock could not give up at the busy timeout (a frozen process holding it)."""
-    delay = 0.0001
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        now = time.monotonic()
-        if now >= deadline:
-            return False
-        time.sleep(min(delay, deadline - now))
-        delay = min(delay * 2, TURN_POLL_MAX_S)
-
-
 class Database:
     """One engine and its session factory; ``write()`` for writers, ``read()`` for readers."""
 
@@ -83,11 +56,6 @@ class Database:
         self.busy_timeout_ms = busy_timeout_ms
         self.is_sqlite = url.startswith("sqlite")
         self._write_lock = threading.RLock() if self.is_sqlite else None
-        self._turn_path = (Path(url.split("///", 1)[1] + TURN_SUFFIX)
-                           if self.is_sqlite and ":memory:" not in url else None)
-        self._turn_fd: int | None = None
-        self._turn_pid = 0  # the process that opened _turn_fd (a forked child reopens it)
-        self._turn_depth = 0  # write() inside write() in one thread takes the file once
         self.is_postgresql = url.startswith("postgresql")
         kwargs: dict[str, Any] = {"future": True, "pool_size": 20, "max_overflow": 20}
         if self.is_sqlite:
@@ -125,14 +93,10 @@ class Database:
     def write(self) -> Iterator[Session]:
         """A session whose transaction takes the write lock at once; committed on success.
 
-        On SQLite, writers first take a write turn of their own: SQLite's busy handler polls
-        with sleeps of 1 to 100 ms, so writers contending for the database lock through it
-        wait far longer than the transactions take. The writers of this process queue on a
-        lock; then the process takes an exclusive ``flock`` on the file ``<database>-turn``
-        beside the database, tried again every 0.1 to 1 ms, so writers in several processes
-        (receivers sharing a port, the worker's child, the CLI) take turns within a
-        millisecond of each other. Both give up at the busy timeout, as SQLite does, and a
-        process that dies holding the file releases it.
+        On SQLite, writers of this process also queue on a lock of their own first: SQLite's
+        busy handler polls with sleeps of 1 to 100 ms, so eight associations contending for
+        the database lock through it wait far longer than the transactions take. Other
+        processes (the CLI) still meet SQLite's own lock and busy timeout.
         """
         with self._write_turn(), self._session(self._writers) as s:
             yield s
@@ -164,47 +128,13 @@ class Database:
         if self._write_lock is None:
             yield
             return
-        deadline = time.monotonic() + self.busy_timeout_ms / 1000
         if not self._write_lock.acquire(timeout=self.busy_timeout_ms / 1000):
             raise DatabaseUnavailableError(
                 f"database unavailable: no write turn within {self.busy_timeout_ms} ms")
-        fd = None
         try:
-            if self._turn_depth == 0:
-                fd = self._turn_file()
-                if fd is not None and not _lock_file(fd, deadline):
-                    raise DatabaseUnavailableError(
-                        f"database unavailable: another process held the write turn for "
-                        f"{self.busy_timeout_ms} ms")
-            self._turn_depth += 1
-            try:
-                yield
-            finally:
-                self._turn_depth -= 1
-                if fd is not None:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+            yield
         finally:
             self._write_lock.release()
-
-    def _turn_file(self) -> int | None:
-        """The open write-turn file of this process, or None where it cannot be opened (the
-        writers then meet only SQLite's own lock and busy handler)."""
-        if self._turn_path is None:
-            return None
-        if self._turn_fd is not None and self._turn_pid == os.getpid():
-            return self._turn_fd
-        try:
-            fd = os.open(self._turn_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            try:  # a read-only folder (the CLI as another user): an existing file will do
-                fd = os.open(self._turn_path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                log.warning("cannot open %s (%s): writers in other processes meet SQLite's "
-                            "busy handler instead", self._turn_path, exc)
-                self._turn_path = None
-                return None
-        self._turn_fd, self._turn_pid = fd, os.getpid()
-        return fd
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -240,9 +170,6 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-        if self._turn_fd is not None and self._turn_pid == os.getpid():
-            os.close(self._turn_fd)
-        self._turn_fd = None
 
     # -- schema ---------------------------------------------------------------------------
 
