@@ -71,7 +71,7 @@ class NodeConfig(_Section):
     # SO_REUSEPORT: several `serve --role receiver` processes on one host listen on the same
     # port(s) and the kernel spreads associations over them (Linux).
     reuse_port: bool = False
-    # Shorter pynetdicom reactor polls while an association streams (node.pacing).
+    # pynetdicom's reactors woken by what they wait for, not 1 ms polls (node.pacing).
     adaptive_polling: bool = True
     tls: ReceiverTLSConfig | None = None
 

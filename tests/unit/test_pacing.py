@@ -1,4 +1,4 @@
-"""node.pacing: pynetdicom's reactors poll faster while an association streams, not otherwise."""
+"""node.pacing: pynetdicom's reactors are woken by what they wait for, within their timeouts."""
 
 from __future__ import annotations
 
