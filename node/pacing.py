@@ -15,9 +15,9 @@ associations are sixteen threads each taking the interpreter a thousand times a 
   ``REACTOR_WAIT_S``;
 - while a C-STORE handler runs (``storing``) and until its response is queued for sending, the
   association's DUL waits for that response, at most ``REACTOR_WAIT_S``;
-- otherwise the DUL waits until its socket has data, at most pynetdicom's 1 ms (something
-  queued for sending is looked at within that millisecond, as before; it goes at once when it
-  is already there).
+- otherwise the DUL waits until its socket has data or something is queued for sending to
+  the peer (a put on that queue writes to a pipe the DUL selects on beside its socket), at
+  most ``REACTOR_WAIT_S``.
 
 The waits are woken by ``put`` on those queues, wrapped for each association the first time its
 threads wait; nothing is missed for longer than a timeout, so a wake-up this does not see (a
@@ -33,6 +33,7 @@ it off.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import select
 import threading
@@ -53,9 +54,8 @@ log = logging.getLogger(__name__)
 REACTOR_DELAY_S = 0.001
 #: The longest a reactor waits for a wake-up before it looks anyway.
 REACTOR_WAIT_S = 0.01
-#: The longest the DUL waits for its socket outside a handler: pynetdicom's own delay, since
-#: what is queued for sending meanwhile does not wake it.
-SOCKET_WAIT_S = REACTOR_DELAY_S
+#: The longest the DUL waits for its socket (or a wake-up) outside a handler.
+SOCKET_WAIT_S = REACTOR_WAIT_S
 #: pynetdicom versions whose reactors were read and measured with this module.
 TESTED_VERSIONS = ("3.0.",)
 
@@ -70,6 +70,11 @@ class _State:
     #: Set by a put on the reactor's queues; None until they are wrapped.
     message: threading.Event | None = None
     sends_wrapped: bool = False
+    #: A pipe the DUL selects on beside its socket while ``selecting``; a put on the queue
+    #: to the peer writes to it. None until the DUL first waits (or if no pipe could be made).
+    wake_r: int | None = None
+    wake_w: int | None = None
+    selecting: bool = False
 
 
 _states: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
@@ -109,6 +114,11 @@ def _wrap_sends(assoc: Any, st: _State) -> None:
     def queued() -> None:
         st.awaiting_response = False
         st.response_queued.set()
+        if st.selecting and st.wake_w is not None:
+            try:
+                os.write(st.wake_w, b"\0")
+            except OSError:  # full (it is woken already) or closed (the association ended)
+                pass
 
     _wake_on_put(q, queued)
 
@@ -140,25 +150,59 @@ def _reactor_wait(assoc: Any) -> None:
     st.message.clear()  # before the reactor looks: a put after this sets it again
 
 
+def _wake_pipe(assoc: Any, st: _State) -> int | None:
+    """The read end of ``assoc``'s wake-up pipe, made on first use and closed when the
+    association is collected; None when none can be made (the DUL then waits 1 ms at most)."""
+    if st.wake_r is None:
+        try:
+            st.wake_r, st.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            log.debug("no wake-up pipe for an association's DUL: %s", exc)
+            return None
+        weakref.finalize(assoc, _close, st.wake_r, st.wake_w)
+        _wrap_sends(assoc, st)
+    return st.wake_r
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _dul_wait(assoc: Any) -> None:
-    """The association's DUL: for the response while a handler runs, else for the socket."""
-    st = _states.get(assoc)
-    if st is not None:
-        st.response_queued.clear()  # before the check: a response queued after it sets it
-        if st.awaiting_response:
-            st.response_queued.wait(REACTOR_WAIT_S)
-            return
-    dul = assoc.dul
-    if not dul.to_provider_queue.empty():
+    """The association's DUL: for the response while a handler runs, else for data on its
+    socket or something queued for sending."""
+    st = _state(assoc)
+    st.response_queued.clear()  # before the check: a response queued after it sets it
+    if st.awaiting_response:
+        st.response_queued.wait(REACTOR_WAIT_S)
         return
+    dul = assoc.dul
     sock = getattr(getattr(dul, "socket", None), "socket", None)
+    wake = _wake_pipe(assoc, st)
     if sock is None:
         time.sleep(REACTOR_DELAY_S)
         return
+    st.selecting = True  # before the look: a put after it writes to the pipe
     try:
-        select.select([sock], [], [], SOCKET_WAIT_S)
+        if not dul.to_provider_queue.empty():
+            return
+        if wake is None:
+            select.select([sock], [], [], REACTOR_DELAY_S)
+            return
+        ready, _, _ = select.select([sock, wake], [], [], SOCKET_WAIT_S)
+        if wake in ready:
+            try:
+                os.read(wake, 512)
+            except OSError:
+                pass
     except (OSError, ValueError):  # closed meanwhile: the DUL's own look reports it
         time.sleep(REACTOR_DELAY_S)
+    finally:
+        st.selecting = False
 
 
 def _reactor_sleep() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
+import os
 import queue
 import socket
 import threading
@@ -185,8 +187,35 @@ def test_outside_a_handler_the_dul_waits_for_its_socket(long_waits: None) -> Non
         peer.sendall(b"\x04")  # the next PDU arrives
         assert dul.done.wait(10)
         dul.join()
+        assert ours.recv(16) == b"\x04"  # what the DUL's own look would read
         a.dul.to_provider_queue.put("A-RELEASE-RP")  # already queued: no wait at all
         DULWaiter(a).join()
+        a.dul.to_provider_queue.get()
+        dul = DULWaiter(a)
+        assert not dul.done.wait(0.05)
+        a.dul.to_provider_queue.put("P-DATA")  # queued while it waits: the pipe wakes it
+        assert dul.done.wait(10)
+        dul.join()
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_the_wake_up_pipe_is_closed_with_its_association(long_waits: None) -> None:
+    ours, peer = socket.socketpair()
+    try:
+        a = FakeAssociation(ours)
+        peer.sendall(b"\x04")
+        waiter = DULWaiter(a)
+        waiter.join()
+        fds = (pacing._states[a].wake_r, pacing._states[a].wake_w)
+        assert all(fd is not None for fd in fds)
+        os.fstat(fds[0])  # open while the association lives
+        del a, waiter
+        gc.collect()
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
     finally:
         ours.close()
         peer.close()
