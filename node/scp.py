@@ -1,8 +1,9 @@
 """The DICOM receiver: Verification and Storage SCP (PS3.4 Annex A and B).
 
 The C-STORE handler writes the data set durably (``storage.files``) while a checker thread checks
-and hashes it, records it in one transaction (``storage.catalog``) once both are done and only
-then answers Success; every failure answers the status from ``node.status`` and leaves no file
+and hashes it, records it once both are done (``storage.catalog.GroupRecorder``: in one
+transaction, shared with the instances of other associations waiting for the database at the
+same time) and only then answers Success; every failure answers the status from ``node.status`` and leaves no file
 and no row behind.
 """
 

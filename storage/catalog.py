@@ -330,7 +330,10 @@ class GroupRecorder:
 
     def _committed(self, n: int) -> None:
         if self.on_commit is not None:
-            self.on_commit(n)
+            try:
+                self.on_commit(n)
+            except Exception:  # the rows are committed: a failing callback must not say otherwise
+                log.exception("the group-commit callback failed")
 
 
 def is_recorded(s: Session, path: str) -> bool:

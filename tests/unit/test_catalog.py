@@ -259,3 +259,15 @@ def test_an_unavailable_database_fails_the_whole_group(any_db: Database,
     assert all(isinstance(e, DatabaseUnavailableError) and not e.maybe_committed
                for e in errors)
     assert counts(any_db)[2].keys() == {f"{SERIES}.0"}
+
+
+def test_a_failing_commit_callback_does_not_fail_a_committed_instance(
+        any_db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(n: int) -> None:
+        raise RuntimeError("metrics registry gone")
+
+    recorder = catalog.GroupRecorder(any_db, on_commit=broken)
+    assert recorder.record(meta(1), StoredFile(path="instances/1.dcm", size=10)) == (
+        Recorded.NEW, None)
+    assert "the group-commit callback failed" in caplog.text
+    assert counts(any_db)[2] == {f"{SERIES}.1": "instances/1.dcm"}
