@@ -90,6 +90,11 @@ def test_pynetdicom_reactors_still_poll_as_this_module_expects() -> None:
     assert "self.to_provider_queue.put(primitive)" in inspect.getsource(
         pn_dul.DULServiceProvider.send_pdu)
     assert "self.to_user_queue" in inspect.getsource(pn_dul.DULServiceProvider.receive_pdu)
+    # How a requestor pauses its reactor for a request (pacing._guard_requests).
+    for request in ("release", "send_c_store", "send_c_echo"):
+        source = inspect.getsource(getattr(pn_association.Association, request))
+        assert "self._reactor_checkpoint.clear()" in source
+        assert "while not self._is_paused:" in source
 
 
 @pytest.fixture
@@ -106,7 +111,12 @@ class FakeAssociation(threading.Thread):
     def __init__(self, sock: socket.socket | None = None) -> None:
         super().__init__(daemon=True)
         self._kill = False
-        self.dimse = types.SimpleNamespace(msg_queue=queue.Queue())
+        self.is_acceptor = True
+        self._reactor_checkpoint = threading.Event()
+        self._reactor_checkpoint.set()  # as pynetdicom's: set unless a request is in flight
+        msg_queue: queue.Queue[Any] = queue.Queue()
+        self.dimse = types.SimpleNamespace(msg_queue=msg_queue,
+                                           get_msg=lambda block=False: msg_queue.get(block))
         self.dul = types.SimpleNamespace(to_user_queue=queue.Queue(),
                                          to_provider_queue=queue.Queue(),
                                          socket=types.SimpleNamespace(socket=sock))
@@ -208,9 +218,10 @@ def test_the_wake_up_pipe_is_closed_with_its_association(long_waits: None) -> No
         peer.sendall(b"\x04")
         waiter = DULWaiter(a)
         waiter.join()
-        fds = (pacing._states[a].wake_r, pacing._states[a].wake_w)
-        assert all(fd is not None for fd in fds)
-        os.fstat(fds[0])  # open while the association lives
+        r, w = pacing._states[a].wake_r, pacing._states[a].wake_w
+        assert r is not None and w is not None
+        fds = (r, w)
+        os.fstat(r)  # open while the association lives
         del a, waiter
         gc.collect()
         for fd in fds:
@@ -231,6 +242,46 @@ def test_a_stopping_association_and_other_threads_keep_the_one_millisecond_poll(
     run_in_thread(lambda: pacing._PacedTime.sleep(0.001))  # no association at all
     assert fake_time.slept == [pacing.REACTOR_DELAY_S] * 2
     assert a not in pacing._states
+
+
+def test_associations_this_process_requests_keep_the_one_millisecond_poll(
+        fake_time: FakeTime) -> None:
+    """The sender's associations: their reactor and DUL poll as pynetdicom's do."""
+    a = FakeAssociation(socket.socket())
+    a.is_acceptor = False
+    a.run = lambda: pacing._PacedTime.sleep(0.001)  # type: ignore[method-assign]
+    a.start()
+    a.join(10)
+    run_in_thread(lambda: pacing._PacedTime.sleep(0.001), dul_of=a)
+    assert fake_time.slept == [pacing.REACTOR_DELAY_S] * 2
+    assert pacing._states[a].message is None and pacing._states[a].wake_r is None
+    a.dul.socket.socket.close()
+
+
+def test_a_requestors_reactor_is_kept_off_the_responses_to_its_requests() -> None:
+    """While a request is in flight (the checkpoint cleared), the reactor's own look at the
+    queue finds nothing; the requesting thread gets the response; once the request is over
+    the reactor sees what comes (pynetdicom's race, seen as "Received unexpected C-STORE
+    service message" and an aborted association)."""
+    a = FakeAssociation()
+    a.is_acceptor = False
+    looked: list[Any] = []
+
+    def reactor_pass() -> None:
+        pacing._PacedTime.sleep(0.001)  # the first pass guards the queue
+        a._reactor_checkpoint.clear()  # send_c_store() on another thread, meanwhile
+        a.dimse.msg_queue.put((1, "C-STORE-RSP"))
+        looked.append(a.dimse.get_msg(block=False))  # the reactor's look: not its message
+        a._reactor_checkpoint.set()
+
+    a.run = reactor_pass  # type: ignore[method-assign]
+    a.start()
+    a.join(10)
+    assert looked == [(None, None)]
+    assert a.dimse.get_msg(block=True) == (1, "C-STORE-RSP")  # the requesting thread's
+    a.dimse.msg_queue.put((1, "N-EVENT-REPORT-RQ"))
+    run_in_thread(lambda: looked.append(a.dimse.get_msg(block=False)))  # another thread
+    assert looked[1] == (1, "N-EVENT-REPORT-RQ")
 
 
 def test_an_association_that_cannot_be_weakly_referenced_is_served_unpaced() -> None:
