@@ -131,7 +131,7 @@ def instrument(timers: Timers) -> None:
     timers.wrap(scp, "handle_store", HANDLER)
     timers.wrap(scp, "_write", "- the file: free space, file meta, file store")
     timers.wrap(files.FileStore, "check_space", "  - checks: free space")
-    timers.wrap(scp, "encode_file_meta", "  - file meta encoding")
+    timers.wrap(scp.filemeta, "header", "  - file meta encoding")
     timers.wrap(files.FileStore, "write", "  - file store: write, rename, fsyncs")
     timers.wrap(files.os, "fsync", "    - of which the fsyncs of the file and its folder")
     timers.wrap(futures.Future, "result", "- waiting for the checker thread after the file")

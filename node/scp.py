@@ -23,10 +23,9 @@ from typing import Any, TypeVar
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node import pacing, priority
+from node import filemeta, pacing, priority
 from node.config import Config, PeerConfig
 from node.errors import DatasetTooLargeError, InvalidDatasetError
 from node.guards import check_complete, check_dataset, check_inflated_size
@@ -47,9 +46,6 @@ from storage.files import FileStore, StoredFile
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix before the file meta
-
 
 def configure_pynetdicom() -> None:
     """The one place pynetdicom's module switches are set: no identifiers in its logs."""
@@ -279,12 +275,16 @@ def _checked(event: evt.Event, rx: Receiver, st: _AssocStats, raw: bytes,
         called_ae=rx.config.node.ae_title, calling_host=st.host, association_id=st.id)
 
 
-def _write(rx: Receiver, file_meta: Any, raw: bytes) -> StoredFile:
+def _write(rx: Receiver, event: evt.Event, raw: bytes) -> StoredFile:
     """The free-space check, then the file, fsynced, in place."""
     rx.store.check_space(len(raw))
-    # What event.encoded_dataset(include_meta=True) puts before the data set, without
-    # copying the data set twice more to build it.
-    return rx.store.write([PREAMBLE + encode_file_meta(file_meta), raw])
+    # What event.encoded_dataset(include_meta=True) puts before the data set (Event.file_meta:
+    # the command's UIDs and the context's transfer syntax), without copying the data set
+    # twice more to build it.
+    request: Any = event.request  # a C_STORE primitive: this runs for EVT_C_STORE only
+    header = filemeta.header(str(request.AffectedSOPClassUID),
+                             str(request.AffectedSOPInstanceUID), event.context.transfer_syntax)
+    return rx.store.write([header, raw])
 
 
 def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
@@ -298,7 +298,7 @@ def _store(event: evt.Event, rx: Receiver) -> int | tuple[int, Dataset]:
             raise DatasetTooLargeError(f"dataset is larger than node.max_dataset_bytes ({limit})")
         checking = rx.beside(_checked, event, rx, st, raw, limit)
         try:
-            stored = _write(rx, event.file_meta, raw)
+            stored = _write(rx, event, raw)
         except Exception:
             checking.result()  # a refused data set is answered for that, as if checked first
             raise
