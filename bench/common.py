@@ -80,6 +80,16 @@ def fmt(value: float | None, digits: int = 1) -> str:
 # -- RSS ---------------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds ``pid`` has used, all its threads; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int, tree: bool = False) -> int | None:
     """VmRSS of ``pid`` in KiB, or None when it is gone; with ``tree``, the sum over it and
     its descendants (``aidnode serve`` and its worker's child process)."""
@@ -243,8 +253,11 @@ class AidnodeProcess:
 def aidnode_serve(folder: Path, *, rules: list[dict[str, object]] | None = None,
                   destinations: list[dict[str, object]] | None = None,
                   env: dict[str, str] | None = None, role: str = "all",
-                  **sections: dict[str, object]) -> Iterator[AidnodeProcess]:
+                  code: Path = ROOT, **sections: dict[str, object]) -> Iterator[AidnodeProcess]:
     """``aidnode serve`` in a subprocess with a temp config in ``folder``; stopped on exit.
+
+    ``code`` is the checkout it runs from: this one, or another (say a ``git worktree`` of an
+    earlier commit) to compare two versions in one run.
 
     Durability is always on (the file store fsyncs, SQLite runs ``synchronous=FULL``). By default
     no rule matches anything (so no job is ever queued), there are no workers and no metrics.
@@ -260,11 +273,12 @@ def aidnode_serve(folder: Path, *, rules: list[dict[str, object]] | None = None,
     log_path = folder / "aidnode.log"
     run_env = dict(os.environ, **(env or {}))
     run_env.pop("AIDNODE_CONFIG", None)
+    run_env["PYTHONPATH"] = str(code)  # its packages before the installed (editable) ones
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", "from node.cli import main; main()", "-c", str(cfg), "serve",
              "--role", role],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=code,
             env=run_env)
     node = AidnodeProcess(LOOPBACK, port, proc, folder, log_path)
     try:

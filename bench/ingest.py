@@ -43,6 +43,7 @@ from common import (
     aidnode_serve,
     another_process,
     count_files,
+    cpu_seconds,
     fmt,
     machine,
     median,
@@ -66,10 +67,14 @@ LABELS = {
     "pynetdicom-null": "pynetdicom SCP that stores nothing (bench/nullscp.py)",
     "pynetdicom-null-paced": "the same, its reactors paced by node.pacing",
     "aidnode-x": "aidnode, {n} associations (aggregate)",
+    "aidnode-base": "aidnode serve from --base (the version compared against)",
+    "aidnode-base-x": "aidnode from --base, {n} associations (aggregate)",
     "aidnode-2rx": "aidnode, 2 receiver processes on one port (node.reuse_port), {n} associations "
                    "(aggregate)",
 }
-AGGREGATES = ("aidnode-x", "aidnode-2rx")
+AGGREGATES = ("aidnode-x", "aidnode-2rx", "aidnode-base-x")
+#: Another checkout of aidnode (``--base``), measured beside this one in the same rounds.
+BASE: dict[str, Path] = {}
 SEND_TIMEOUT_S = 180.0
 ARRIVE_TIMEOUT_S = 10.0
 
@@ -84,6 +89,9 @@ class Run:
     sender_rc: list[int]
     peak_rss_mib: float | None = None
     after_rss_mib: float | None = None
+    #: The receiving process's CPU (user + system, all threads) per instance; steadier than
+    #: the wall time on a VM whose host takes some of its CPU.
+    cpu_ms: float | None = None
 
     @property
     def images_per_s(self) -> float | None:
@@ -137,6 +145,12 @@ def run_aidnode(tmp: Path) -> Iterator[Receiver]:
 
 
 @contextmanager
+def run_aidnode_base(tmp: Path) -> Iterator[Receiver]:
+    with aidnode_serve(tmp / "aidnode", code=BASE["code"]) as node:
+        yield node.host, node.port, node.ae_title, node.instance_count, node.proc.pid
+
+
+@contextmanager
 def run_aidnode_1ms(tmp: Path) -> Iterator[Receiver]:
     with aidnode_serve(tmp / "aidnode", node={"dimse_timeout_s": 60, "network_timeout_s": 60,
                                               "adaptive_polling": False}) as node:
@@ -177,7 +191,7 @@ def run_null(tmp: Path, *extra: str) -> Iterator[Receiver]:
 STARTERS: dict[str, Callable[[Path], AbstractContextManager[Receiver]]] = {
     "dcmtk": run_dcmtk, "orthanc": run_orthanc, "aidnode": run_aidnode,
     "pynetdicom": run_pynetdicom, "pynetdicom-null": run_null, "aidnode-2rx": run_aidnode_two,
-    "aidnode-1ms": run_aidnode_1ms,
+    "aidnode-1ms": run_aidnode_1ms, "aidnode-base": run_aidnode_base,
     "pynetdicom-null-paced": lambda tmp: run_null(tmp, "--paced"),
 }
 
@@ -205,6 +219,7 @@ def measure(name: str, rnd: int, files: list[Path], n_assoc: int = 1) -> Run:
           STARTERS[name](Path(tmp)) as (host, port, aet, count, pid)):
         batches = [files[i::n_assoc] for i in range(n_assoc)]
         sampler = RSSSampler(pid) if pid else None
+        cpu_before = cpu_seconds(pid) if pid else None
         if sampler:
             with sampler:
                 seconds, rcs = _send(host, port, aet, batches)
@@ -213,14 +228,18 @@ def measure(name: str, rnd: int, files: list[Path], n_assoc: int = 1) -> Run:
         complete = wait_until(lambda: count() >= len(files), ARRIVE_TIMEOUT_S, 0.1)
         arrived = count()
         after = rss_kib(pid) if pid else None
-    label = "aidnode-x" if name == "aidnode" and n_assoc > 1 else name
+        cpu_after = cpu_seconds(pid) if pid else None
+    label = f"{name}-x" if name in ("aidnode", "aidnode-base") and n_assoc > 1 else name
     run = Run(label, rnd, seconds if complete and arrived == len(files) else None, arrived,
               len(files), rcs,
               peak_rss_mib=round(sampler.peak_kib / 1024, 1) if sampler else None,
-              after_rss_mib=round(after / 1024, 1) if after else None)
+              after_rss_mib=round(after / 1024, 1) if after else None,
+              cpu_ms=round(1000 * (cpu_after - cpu_before) / len(files), 2)
+              if cpu_before is not None and cpu_after is not None else None)
     state = (f"{run.images_per_s:.1f} images/s ({seconds:.2f} s)" if run.seconds
              else f"INCOMPLETE: {arrived}/{len(files)} arrived, not timed")
     rss = f", peak RSS {run.peak_rss_mib} MiB" if run.peak_rss_mib else ""
+    rss += f", {run.cpu_ms} ms CPU per instance" if run.cpu_ms else ""
     print(f"  round {rnd} {label:<10} x{n_assoc}: {state}{rss}", flush=True)
     return run
 
@@ -230,7 +249,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarise(report: Report) -> None:
-    for name in (*RECEIVERS, *AGGREGATES):
+    for name in (*RECEIVERS, "aidnode-base", *AGGREGATES):
         rates = [r.images_per_s for r in report.runs if r.receiver == name and r.images_per_s]
         report.medians[name] = median([x for x in rates if x is not None])
     m = report.medians
@@ -239,6 +258,10 @@ def summarise(report: Report) -> None:
     scale = _ratio(m.get("aidnode-x"), m.get("aidnode"))
     scale_two = _ratio(m.get("aidnode-2rx"), m.get("aidnode"))
     peaks = [r.peak_rss_mib for r in report.runs if r.peak_rss_mib]
+
+    def cpu(name: str) -> float | None:
+        return median([r.cpu_ms for r in report.runs if r.receiver == name and r.cpu_ms])
+
     report.targets = [
         Target("aidnode / Orthanc, one association", ">= 1.2", fmt(vs_orthanc, 2),
                None if vs_orthanc is None else vs_orthanc >= 1.2),
@@ -255,6 +278,14 @@ def summarise(report: Report) -> None:
                fmt(_ratio(m.get("pynetdicom-null-paced"), m.get("orthanc")), 2), None),
         Target("aidnode / aidnode with pynetdicom's 1 ms polls (node.adaptive_polling)",
                "reported", fmt(_ratio(m.get("aidnode"), m.get("aidnode-1ms")), 2), None),
+        Target("aidnode / aidnode from --base, one association", "reported",
+               fmt(_ratio(m.get("aidnode"), m.get("aidnode-base")), 2), None),
+        Target(f"aidnode / aidnode from --base, {report.concurrency} associations", "reported",
+               fmt(_ratio(m.get("aidnode-x"), m.get("aidnode-base-x")), 2), None),
+        Target("aidnode's CPU per instance / --base's, one association", "reported",
+               fmt(_ratio(cpu("aidnode"), cpu("aidnode-base")), 2), None),
+        Target(f"aidnode's CPU per instance / --base's, {report.concurrency} associations",
+               "reported", fmt(_ratio(cpu("aidnode-x"), cpu("aidnode-base-x")), 2), None),
         Target("aidnode peak RSS over the ingest (MiB)", "reported",
                fmt(max(peaks) if peaks else None), None),
     ]
@@ -266,9 +297,10 @@ def print_report(report: Report) -> None:
     print(f"{report.instances} CT instances 512x512 (uncompressed), dcmtk storescu sender; "
           f"median of {report.rounds} round(s). {report.note}.")
     print()
-    print("| receiver | images/s (median) | runs timed | incomplete runs | peak RSS MiB |")
-    print("|---|---|---|---|---|")
-    for name in (*RECEIVERS, *AGGREGATES):
+    print("| receiver | images/s (median) | runs timed | incomplete runs | peak RSS MiB | "
+          "receiver CPU ms per instance (median) |")
+    print("|---|---|---|---|---|---|")
+    for name in (*RECEIVERS, "aidnode-base", *AGGREGATES):
         runs = [r for r in report.runs if r.receiver == name]
         if not runs:
             continue
@@ -276,7 +308,8 @@ def print_report(report: Report) -> None:
         label = LABELS[name].format(n=report.concurrency)
         print(f"| {label} | {fmt(report.medians.get(name))} | "
               f"{sum(1 for r in runs if r.seconds)} | {sum(1 for r in runs if not r.seconds)} | "
-              f"{fmt(max(peaks)) if peaks else '-'} |")
+              f"{fmt(max(peaks)) if peaks else '-'} | "
+              f"{fmt(median([r.cpu_ms for r in runs if r.cpu_ms]), 2)} |")
     print()
     print("| target | wanted | measured | met |")
     print("|---|---|---|---|")
@@ -292,10 +325,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8,
                         help="associations for the aggregate run against aidnode (0: skip)")
     parser.add_argument("--receivers", default=",".join(RECEIVERS))
+    parser.add_argument("--base", type=Path, metavar="DIR",
+                        help="another aidnode checkout (e.g. `git worktree add DIR COMMIT`) to "
+                             "measure beside this one, one and N associations, in every round")
     parser.add_argument("--json", action="store_true", help="print the report as JSON at the end")
     args = parser.parse_args(argv)
     receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
-    unknown = set(receivers) - set(RECEIVERS)
+    if args.base is not None:
+        if not (args.base / "node" / "cli.py").is_file():
+            parser.error(f"--base {args.base}: not an aidnode checkout (no node/cli.py)")
+        BASE["code"] = args.base.resolve()
+        receivers.append("aidnode-base")
+    unknown = set(receivers) - set(RECEIVERS) - {"aidnode-base"}
     if unknown or args.rounds < 1 or args.instances < 1:
         parser.error(f"unknown receivers {sorted(unknown)}" if unknown
                      else "--rounds and --instances must be positive")
@@ -312,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.concurrency > 1 and "aidnode" in receivers:
                 report.runs.append(measure("aidnode", rnd, files, args.concurrency))
                 report.runs.append(measure("aidnode-2rx", rnd, files, args.concurrency))
+            if args.concurrency > 1 and args.base is not None:
+                report.runs.append(measure("aidnode-base", rnd, files, args.concurrency))
     summarise(report)
     print_report(report)
     if args.json:
