@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage import clock
+from storage import catalog_sqlite, clock
 from storage.errors import DatabaseUnavailableError
 from storage.files import StoredFile
 from storage.models import Instance, Series, Study, StudyState
@@ -210,6 +210,26 @@ def record_instances(s: Session | Connection, items: Sequence[tuple[InstanceMeta
     return outcomes
 
 
+def record_group(db: Database, items: Sequence[tuple[InstanceMeta, StoredFile]],
+                 replace: bool = False) -> list[tuple[Recorded, str | None]]:
+    """``record_instances`` in a write transaction of its own, committed before it returns.
+
+    On SQLite the common case (new instances of known series) is written in plain sqlite3
+    (``storage.catalog_sqlite``); anything else, and every other database, goes through
+    ``record_instances``.
+    """
+    if db.is_sqlite:
+        try:
+            with db.sqlite_write() as conn:
+                catalog_sqlite.record_new(conn, items, clock.now())
+        except catalog_sqlite.NotCommon:
+            pass  # rolled back: the general way below
+        else:
+            return [(Recorded.NEW, None)] * len(items)
+    with db.write_connection() as conn:
+        return record_instances(conn, items, replace)
+
+
 def record_instance(s: Session | Connection, m: InstanceMeta, stored: StoredFile,
                     replace: bool = False) -> tuple[Recorded, str | None]:
     """``record_instances`` for one file."""
@@ -325,8 +345,7 @@ class GroupRecorder:
         self._committed(1)
 
     def _transaction(self, group: list[_Pending]) -> list[tuple[Recorded, str | None]]:
-        with self.db.write_connection() as conn:
-            return record_instances(conn, [(p.meta, p.stored) for p in group], self.replace)
+        return record_group(self.db, [(p.meta, p.stored) for p in group], self.replace)
 
     def _committed(self, n: int) -> None:
         if self.on_commit is not None:

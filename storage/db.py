@@ -17,11 +17,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import PoolProxiedConnection
 
 from storage.errors import DatabaseUnavailableError, SchemaOutOfDateError
 
@@ -56,6 +57,7 @@ class Database:
         self.busy_timeout_ms = busy_timeout_ms
         self.is_sqlite = url.startswith("sqlite")
         self._write_lock = threading.RLock() if self.is_sqlite else None
+        self._raw: PoolProxiedConnection | None = None  # sqlite_write()'s connection
         self.is_postgresql = url.startswith("postgresql")
         kwargs: dict[str, Any] = {"future": True, "pool_size": 20, "max_overflow": 20}
         if self.is_sqlite:
@@ -124,6 +126,37 @@ class Database:
                 raise _unavailable(exc, committing) from exc
 
     @contextmanager
+    def sqlite_write(self) -> Iterator[sqlite3.Connection]:
+        """SQLite only: ``write_connection()`` as a plain ``sqlite3`` connection, for the
+        receiver's rows (``storage.catalog_sqlite``).
+
+        The same write turn, ``BEGIN IMMEDIATE``, commit on success, rollback on any exception
+        and errors as ``write()``; the connection (from the engine's pool, with its pragmas) is
+        kept for the next call. Going through SQLAlchemy cost about 0.4 ms of the interpreter
+        per received instance, more than SQLite took.
+        """
+        if not self.is_sqlite:
+            raise TypeError("Database.sqlite_write is for SQLite databases only.")
+        with self._write_turn():
+            if self._raw is None:
+                self._raw = self.engine.raw_connection()
+            conn = cast(sqlite3.Connection, self._raw.driver_connection)
+            committing = False
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    committing = True
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise DatabaseUnavailableError(f"database unavailable: {exc}",
+                                               maybe_committed=committing) from exc
+
+    @contextmanager
     def _write_turn(self) -> Iterator[None]:
         if self._write_lock is None:
             yield
@@ -169,6 +202,14 @@ class Database:
             session.close()
 
     def dispose(self) -> None:
+        if self._raw is not None:
+            try:
+                with self._write_turn():  # not from under a transaction still running
+                    if self._raw is not None:
+                        self._raw.close()  # back to the pool, which the engine closes below
+                        self._raw = None
+            except DatabaseUnavailableError:
+                pass  # a writer outlived the stop: its connection goes with the process
         self.engine.dispose()
 
     # -- schema ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
 from storage import catalog
 from storage.catalog import InstanceMeta, Recorded
@@ -162,15 +162,15 @@ class HeldRecorder:
         self._go = threading.Event()
         self._threads: list[threading.Thread] = []
         self.results: dict[str, Any] = {}
-        real = catalog.record_instances
+        real = catalog.record_group  # each transaction the recorder runs
 
-        def held(conn: Any, items: Any, replace: bool = False) -> Any:
+        def held(db: Database, items: Any, replace: bool = False) -> Any:
             self.sizes.append(len(items))
             if len(self.sizes) == 1:
                 assert self._go.wait(10)
-            return real(conn, items, replace)
+            return real(db, items, replace)
 
-        monkeypatch.setattr(catalog, "record_instances", held)
+        monkeypatch.setattr(catalog, "record_group", held)
 
     def start(self, m: InstanceMeta, path: str) -> None:
         def run() -> None:
@@ -240,15 +240,15 @@ def test_an_unavailable_database_fails_the_whole_group(any_db: Database,
     """The database fails the group's statement (locked, gone): every instance of the group
     gets the error its handler answers 0xA700 for, and none is tried again alone."""
     held = HeldRecorder(any_db, monkeypatch)
-    inner = catalog.record_instances
+    inner = catalog.record_group
 
-    def lost(conn: Any, items: Any, replace: bool = False) -> Any:
+    def lost(db: Database, items: Any, replace: bool = False) -> Any:
         if len(items) > 1:
             held.sizes.append(len(items))
-            raise OperationalError("INSERT", None, Exception("database is locked"))
-        return inner(conn, items, replace)
+            raise DatabaseUnavailableError("database unavailable: database is locked")
+        return inner(db, items, replace)
 
-    monkeypatch.setattr(catalog, "record_instances", lost)
+    monkeypatch.setattr(catalog, "record_group", lost)
     held.start(meta(0), "instances/0.dcm")
     held.queue_then_release([(meta(i), f"instances/{i}.dcm") for i in range(1, 4)])
 
