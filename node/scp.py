@@ -25,7 +25,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node import filemeta, pacing, priority
+from node import filemeta, pacing, priority, responses
 from node.config import Config, PeerConfig
 from node.errors import DatasetTooLargeError, InvalidDatasetError
 from node.guards import check_complete, check_dataset, check_inflated_size
@@ -166,6 +166,7 @@ class Receiver:
 
 def on_conn_open(event: evt.Event) -> None:
     set_nodelay(getattr(event.assoc.dul.socket, "socket", None))
+    responses.attach(event.assoc)
 
 
 def on_requested(event: evt.Event, rx: Receiver) -> None:
