@@ -40,7 +40,7 @@ from ingest import _send
 from node import scp
 from node.config import load_config
 from node.service import Service, open_storage
-from storage import catalog, db, files
+from storage import catalog, catalog_sqlite, db, files
 from tests.conftest import node_config_text
 from tests.dicomgen import ct_series, write_all
 from tests.peers import LOOPBACK, free_port, wait_for_port
@@ -51,6 +51,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 HANDLER = "the C-STORE handler, in all"
 CHECKER = "the checker thread, beside the file: checks, decoding, hash"
 TRANSACTION = "  - transactions: the write turn, begin, statements, commit with its WAL fsync"
+TRANSACTION_SQLITE = ("  - the same in plain sqlite3 (the common case: new instances of known series, "
+                      "storage.catalog_sqlite)")
 #: Steps timed on their own, not only inside another: the handler, and the checker thread's part.
 ROOTS = (HANDLER, CHECKER)
 
@@ -140,6 +142,8 @@ def instrument(timers: Timers) -> None:
                 "write turn, then the transaction)")
     timers.wrap_context(db.Database, "write_connection", TRANSACTION)
     timers.wrap(catalog, "record_instances", "    - of which the statements")
+    timers.wrap_context(db.Database, "sqlite_write", TRANSACTION_SQLITE)
+    timers.wrap(catalog_sqlite, "record_new", "    - of which the statements (plain sqlite3)")
     timers.wrap(scp, "_checked", CHECKER)
     timers.wrap_property(pynetdicom_events.Event, "dataset", "- data set decoding (lazy)")
     timers.wrap(scp, "check_complete", "- checks: complete data set")
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {HANDLER} | {handler:.2f} |")
     for name in timers.names[1:]:
         print(f"| {name} | {per.get(name, 0.0):.2f} |")
-    transactions = timers.calls.get(TRANSACTION, 0)
+    transactions = timers.calls.get(TRANSACTION, 0) + timers.calls.get(TRANSACTION_SQLITE, 0)
     print()
     print(f"{transactions} receiver transactions for {n} instances "
           f"({n / max(transactions, 1):.2f} instances per transaction)")
