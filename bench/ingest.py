@@ -2,6 +2,7 @@
 
     python bench/ingest.py [--rounds 3] [--instances 300] [--concurrency 8] [--json]
                            [--receivers dcmtk,orthanc,aidnode,aidnode-1ms,pynetdicom,...]
+                           [--base DIR]
 
 dcmtk ``storescu`` (TCP_NODELAY=1 in its environment) sends one folder over one association to, in
 turn: dcmtk ``storescp``, Orthanc (Debian package, throwaway config), ``aidnode serve`` (a
@@ -15,7 +16,9 @@ run where not all arrived is reported as incomplete and not timed. Then N concur
 processes (the instances split between them) send to aidnode, as one process and as two ``--role
 receiver`` processes sharing the port (``node.reuse_port``): aggregate images/s against one
 association. aidnode's VmRSS is sampled every 50 ms during each of its runs and read again after
-it.
+it, and its CPU per instance read from /proc before and after. ``--base DIR`` runs ``aidnode
+serve`` from another checkout too (a ``git worktree`` of an earlier commit), one and N
+associations in every round, so two versions are compared in one run.
 """
 
 from __future__ import annotations
@@ -331,15 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON at the end")
     args = parser.parse_args(argv)
     receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
+    unknown = set(receivers) - set(RECEIVERS)
+    if unknown or args.rounds < 1 or args.instances < 1:
+        parser.error(f"unknown receivers {sorted(unknown)}" if unknown
+                     else "--rounds and --instances must be positive")
     if args.base is not None:
         if not (args.base / "node" / "cli.py").is_file():
             parser.error(f"--base {args.base}: not an aidnode checkout (no node/cli.py)")
         BASE["code"] = args.base.resolve()
         receivers.append("aidnode-base")
-    unknown = set(receivers) - set(RECEIVERS) - {"aidnode-base"}
-    if unknown or args.rounds < 1 or args.instances < 1:
-        parser.error(f"unknown receivers {sorted(unknown)}" if unknown
-                     else "--rounds and --instances must be positive")
     report = Report(machine(), args.instances, args.rounds, args.concurrency)
     with tempfile.TemporaryDirectory(prefix="bench-series-") as series_dir:
         print(f"writing {args.instances} CT instances 512x512 ...", flush=True)
