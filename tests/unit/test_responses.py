@@ -122,3 +122,9 @@ def test_other_messages_go_pynetdicoms_way() -> None:
     echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
     echo.Status = 0
     assert sent(echo, attached=True)[1] == 1
+
+
+def test_a_pynetdicom_it_was_not_compared_with_is_left_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(responses.pynetdicom, "__version__", "4.0.0")
+    assert sent(response(0x0000), attached=True)[1] == 1  # pynetdicom's own send_msg ran
