@@ -45,6 +45,8 @@ class FakeAssociationSocket:
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, Counting, FakeAssociationSocket]]:
     ours, peer = socket.socketpair()
+    # Room for a whole test PDU in flight, so that sendall returns before anything is read.
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     ours.settimeout(0.5)
     counting = Counting(ours)
     fake = FakeAssociationSocket(counting)

@@ -24,8 +24,8 @@ from tests.unit.test_catalog import SERIES, STUDY, counts, meta
 OTHER_STUDY, OTHER_SERIES = "2.25.7", "2.25.7.1"
 
 
-def sqlite_db(path: Path) -> Database:
-    db = Database(f"sqlite:///{path}", busy_timeout_ms=200)
+def sqlite_db(path: Path, busy_timeout_ms: int = 200) -> Database:
+    db = Database(f"sqlite:///{path}", busy_timeout_ms=busy_timeout_ms)
     db.upgrade()
     return db
 
@@ -155,9 +155,8 @@ def test_an_exception_in_the_transaction_rolls_it_back(db: Database) -> None:
 def test_two_databases_on_one_file_lose_no_count(tmp_path: Path) -> None:
     """Two Database objects on one file (two receiver processes), four threads each, record
     into the same series at once: every instance counted once, none refused."""
-    first = sqlite_db(tmp_path / "shared.db")
-    second = Database(first.url, busy_timeout_ms=5000)
-    first.busy_timeout_ms = 5000
+    first = sqlite_db(tmp_path / "shared.db", busy_timeout_ms=5000)  # SQLite's busy handler
+    second = Database(first.url, busy_timeout_ms=5000)  # waits for the other's transactions
     catalog.record_group(first, items(meta(0)))
     errors: list[BaseException] = []
     barrier = threading.Barrier(8)
